@@ -1,0 +1,58 @@
+"""Session set-up shared by the unit tests, the end-to-end tests and the notebooks (nbval).
+
+Before any test runs, this builds the tiny model and writes a smoke params file into a temporary
+folder, and points `$SENTIMENT_NB_PARAMS` at it: the notebooks, run by nbval, then execute top to
+bottom on the smoke configuration and write their outputs there, not into the repo. Every cache
+(Hugging Face, DVC, Jupyter, Matplotlib, Ray) goes to the same temporary folder.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import FIXTURE_DATA, build_tiny_model, smoke_params, write_params  # noqa: E402
+
+_BASE = Path(tempfile.mkdtemp(prefix="sentiment-nb-tests-"))
+
+
+def pytest_configure(config):
+    for var, sub in [("HF_HOME", "hf"), ("XDG_CACHE_HOME", "cache"), ("MPLCONFIGDIR", "mpl"), ("IPYTHONDIR", "ipython"),
+                     ("JUPYTER_RUNTIME_DIR", "jupyter/runtime"), ("JUPYTER_DATA_DIR", "jupyter/data"),
+                     ("DVC_SITE_CACHE_DIR", "dvc/site"), ("DVC_GLOBAL_CONFIG_DIR", "dvc/global"),
+                     ("RAY_TMPDIR", "ray"), ("TMPDIR", "tmp")]:
+        (_BASE / sub).mkdir(parents=True, exist_ok=True)
+        os.environ[var] = str(_BASE / sub)
+    tempfile.tempdir = None  # re-read TMPDIR
+    os.environ.update(HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", TOKENIZERS_PARALLELISM="false",
+                      RAY_AUTH_MODE="disabled", PYTHONWARNINGS="ignore::DeprecationWarning")
+    model = build_tiny_model(_BASE / "tiny_model")
+    params = write_params(_BASE / "smoke" / "params.yaml", smoke_params(FIXTURE_DATA, model))
+    os.environ["SENTIMENT_NB_PARAMS"] = str(params)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_BASE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    "An untrained tiny BERT classifier and its tokenizer, saved with save_pretrained."
+    return _BASE / "tiny_model"
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir() -> Path:
+    "train/validation/test .jsonl with a few dozen labelled sentences."
+    return FIXTURE_DATA
+
+
+@pytest.fixture(scope="session")
+def smoke_params_file() -> Path:
+    "The smoke params file the notebooks run with (outputs go next to it)."
+    return Path(os.environ["SENTIMENT_NB_PARAMS"])
