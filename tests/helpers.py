@@ -47,8 +47,8 @@ def smoke_params(data_dir: Path, checkpoint: Path, **sections) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(source=str(data_dir), max_length=32, limit=None)
     params["model"]["checkpoint"] = str(checkpoint)
-    params["train"].update(batch_size=8, eval_batch_size=16, epochs=2, learning_rate=1e-3, warmup_ratio=0.0,
-                           eval_steps=0.5, logging_steps=0.125)
+    params["train"].update(batch_size=8, eval_batch_size=16, epochs=4, learning_rate=1e-3, warmup_ratio=0.0,
+                           eval_steps=0.25, logging_steps=0.0625)
     params["evaluate"].update(batch_size=16, worst_examples=3)
     for section, values in sections.items():
         params[section].update(values)

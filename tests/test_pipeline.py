@@ -1,0 +1,125 @@
+"""End to end: `dvc repro` in a copy of the repo, on the smoke params (tiny model, fixture data)."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from helpers import FIXTURE_DATA, copy_repo, git, run, smoke_params, write_params
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["prepare", "train", "evaluate", "export"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir):
+    "A copy of the repo whose params.yaml is the smoke configuration, after one `dvc repro`."
+    root = copy_repo(tmp_path_factory.mktemp("project"))
+    write_params(root / "params.yaml", smoke_params(FIXTURE_DATA, tiny_model_dir))
+    git(root, "commit", "-qam", "smoke params")
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # papermill, dvc
+    first = dvc(root, "repro")
+    return root, first
+
+
+def dvc(root, *args, check=True):
+    return run([sys.executable, "-m", "dvc", *args], cwd=root, check=check)
+
+
+def ran(output: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in output]
+
+
+def executed_report(path: Path) -> nbformat.NotebookNode:
+    nb = nbformat.read(path, as_version=4)
+    assert nb.metadata.papermill.exception is False or nb.metadata.papermill.exception is None
+    code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
+    assert all(c.execution_count for c in code), f"{path.name} has unexecuted cells"
+    assert any(c.outputs for c in code), f"{path.name} has no outputs"
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and "params_file = \"params.yaml\"" in injected[0].source
+    return nb
+
+
+def test_repro_runs_every_stage(project):
+    root, first = project
+    assert ran(first.stdout) == STAGES
+    assert (root / "dvc.lock").is_file()
+
+
+def test_prepare_outputs(project):
+    from datasets import load_from_disk
+
+    root, _ = project
+    dsd = load_from_disk(str(root / "data" / "prepared"))
+    assert dsd.num_rows == {"train": 32, "validation": 12, "test": 12}
+    assert {"text", "label", "input_ids", "attention_mask", "n_tokens"} <= set(dsd["train"].column_names)
+    summary = json.loads((root / "reports" / "data" / "summary.json").read_text())
+    assert summary["rows"] == {"train": 32, "validation": 12, "test": 12}
+    assert summary["positive_fraction"]["train"] == 0.5
+    assert summary["tokens"]["max"] >= summary["tokens"]["p50"] > 0
+    hist = (root / "reports" / "data" / "token_lengths.csv").read_text().splitlines()
+    assert hist[0] == "tokens,train,validation,test" and len(hist) > 1
+    executed_report(root / "reports" / "01_data.ipynb")
+
+
+def test_train_outputs(project):
+    root, _ = project
+    assert (root / "artifacts" / "train" / "best_model" / "model.safetensors").is_file()
+    live = json.loads((root / "dvclive" / "train" / "metrics.json").read_text())
+    assert 0 <= live["best_validation"]["accuracy"] <= 1
+    assert (root / "dvclive" / "train" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
+    executed_report(root / "reports" / "02_train.ipynb")
+
+
+def test_second_repro_is_a_noop(project):
+    root, _ = project
+    again = dvc(root, "repro")
+    assert ran(again.stdout) == []
+    assert "Data and pipelines are up to date" in again.stdout
+    assert dvc(root, "status").stdout.strip() == "Data and pipelines are up to date."
+
+
+def test_params_changes_rerun_only_the_stages_that_read_them(project):
+    root, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    try:
+        params["data"]["max_length"] = 24
+        write_params(root / "params.yaml", params)
+        status = dvc(root, "status", "--json").stdout
+        assert list(json.loads(status)) == ["prepare"], status  # downstream waits on prepare's outputs
+
+        params["data"]["max_length"] = 32
+        params["train"]["learning_rate"] = 5e-4
+        write_params(root / "params.yaml", params)
+        assert sorted(json.loads(dvc(root, "status", "--json").stdout)) == ["train"]
+        rerun = dvc(root, "repro")
+        assert "prepare" not in ran(rerun.stdout) and ran(rerun.stdout)[0] == "train"
+    finally:
+        git(root, "checkout", "params.yaml")
+        dvc(root, "repro")
+
+
+def test_metrics_and_plots_show(project, tmp_path):
+    root, _ = project
+    metrics = json.loads(dvc(root, "metrics", "show", "--json").stdout)
+    files = next(iter(metrics.values()))["data"]
+    assert any(f.endswith("summary.json") for f in files)
+    assert any(f.endswith("dvclive/train/metrics.json") for f in files)
+    dvc(root, "plots", "show", "-o", str(tmp_path / "plots"))
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "Token lengths" in html and "loss" in html
+
+
+def test_experiment_with_a_changed_learning_rate(project):
+    root, _ = project
+    out = dvc(root, "exp", "run", "-S", "train.learning_rate=3e-5", "-n", "lr-3e-5")
+    assert "Running stage 'train'" in out.stdout and "Running stage 'prepare'" not in out.stdout
+    table = json.loads(dvc(root, "exp", "show", "--json").stdout)
+    names = json.dumps(table)
+    assert "lr-3e-5" in names
+    git(root, "checkout", "params.yaml", "dvc.lock")
+    dvc(root, "checkout", "--force")

@@ -1,0 +1,98 @@
+"""The `train` stage's library: precision, resuming an interrupted run, determinism on CPU."""
+import json
+
+import pandas as pd
+import pytest
+from helpers import FIXTURE_DATA, smoke_params, write_params
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from sentiment_nb.config import load_params
+from sentiment_nb.data import load_splits, load_tokenizer, tokenize_splits
+from sentiment_nb.train import resolve_precision, train
+
+
+@pytest.fixture
+def settings(tmp_path, tiny_model_dir):
+    "Smoke settings in `tmp_path`, with the fixture data already prepared."
+    s = load_params(write_params(tmp_path / "params.yaml", smoke_params(FIXTURE_DATA, tiny_model_dir)))
+    tok = load_tokenizer(s.model.checkpoint)
+    tokenize_splits(load_splits(s), tok, s.data.max_length).save_to_disk(str(s.path("prepared")))
+    return s
+
+
+class Interrupt(TrainerCallback):
+    "Kill the run right after its first checkpoint is written, like a Ctrl-C or a lost machine."
+    def on_save(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt
+
+
+def logged_steps(settings, name="train/loss"):
+    return pd.read_csv(settings.path("train_live") / "plots" / "metrics" / f"{name}.tsv", sep="\t")["step"].tolist()
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(settings):
+    with pytest.raises(KeyboardInterrupt):
+        train(settings, callbacks=[Interrupt()])
+    ckpts = sorted(p.name for p in settings.path("checkpoints").glob("checkpoint-*"))
+    assert ckpts, "the interrupted run left no checkpoint"
+    assert not settings.path("best_model").exists()
+    steps_before = logged_steps(settings)
+
+    summary = train(settings)
+    assert summary["resumed_from"] == ckpts[-1]
+    first_step = int(ckpts[-1].split("-")[1])
+    assert summary["global_step"] > first_step
+    # dvclive kept the history of the interrupted part and continued it at the training step
+    steps_after = logged_steps(settings)
+    assert steps_after[: len(steps_before)] == steps_before
+    assert max(steps_after) > first_step
+    assert (settings.path("best_model") / "model.safetensors").is_file()
+    # a finished run leaves nothing to resume: a forced rerun starts over
+    assert not list(settings.path("checkpoints").glob("checkpoint-*"))
+    assert train(settings)["resumed_from"] is None
+
+
+def test_other_settings_do_not_resume_a_checkpoint(settings, tmp_path, tiny_model_dir):
+    with pytest.raises(KeyboardInterrupt):
+        train(settings, callbacks=[Interrupt()])
+    changed = load_params(settings.source, ["train.learning_rate=5e-4"])
+    assert train(changed)["resumed_from"] is None
+
+
+def test_training_is_deterministic_on_cpu(settings):
+    first = train(settings)
+    weights = load_file(settings.path("best_model") / "model.safetensors")
+    metrics = json.loads((settings.path("train_live") / "metrics.json").read_text())
+    second = train(settings)
+    assert second["resumed_from"] is None
+    assert first["best_validation"] == second["best_validation"]
+    again = load_file(settings.path("best_model") / "model.safetensors")
+    assert all((weights[k] == again[k]).all() for k in weights)
+    assert json.loads((settings.path("train_live") / "metrics.json").read_text())["best_validation"] == metrics["best_validation"]
+
+
+def test_best_model_is_saved_with_labels_and_tokenizer(settings):
+    summary = train(settings)
+    cfg = json.loads((settings.path("best_model") / "config.json").read_text())
+    assert cfg["id2label"] == {"0": "negative", "1": "positive"}
+    assert (settings.path("best_model") / "tokenizer.json").is_file()
+    assert summary["device"] == "cpu" and summary["precision"] == "fp32"
+    assert 0 <= summary["best_validation"]["accuracy"] <= 1
+    live = json.loads((settings.path("train_live") / "metrics.json").read_text())
+    assert live["best_validation"]["accuracy"] == summary["best_validation"]["accuracy"]
+    for curve in ("train/loss", "train/learning_rate", "eval/accuracy", "eval/f1"):
+        assert (settings.path("train_live") / "plots" / "metrics" / f"{curve}.tsv").is_file(), curve
+
+
+def test_precision_choices():
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("fp32", "cuda") == "fp32"
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_train_without_prepared_data_says_what_to_run(tmp_path, tiny_model_dir):
+    s = load_params(write_params(tmp_path / "params.yaml", smoke_params(FIXTURE_DATA, tiny_model_dir)))
+    with pytest.raises(ValueError, match="dvc repro prepare"):
+        train(s)
