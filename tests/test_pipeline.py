@@ -87,17 +87,22 @@ def test_params_changes_rerun_only_the_stages_that_read_them(project):
     root, _ = project
     params = yaml.safe_load((root / "params.yaml").read_text())
     try:
-        params["data"]["max_length"] = 24
+        params["data"]["seed"] = 7
         write_params(root / "params.yaml", params)
         status = dvc(root, "status", "--json").stdout
         assert list(json.loads(status)) == ["prepare"], status  # downstream waits on prepare's outputs
 
-        params["data"]["max_length"] = 32
+        params["data"]["seed"] = 42
+        params["evaluate"]["calibration_bins"] = 5
+        write_params(root / "params.yaml", params)
+        assert sorted(json.loads(dvc(root, "status", "--json").stdout)) == ["evaluate"]
+
+        params["evaluate"]["calibration_bins"] = 10
         params["train"]["learning_rate"] = 5e-4
         write_params(root / "params.yaml", params)
-        assert sorted(json.loads(dvc(root, "status", "--json").stdout)) == ["train"]
+        assert sorted(json.loads(dvc(root, "status", "--json").stdout)) == ["export", "train"]  # the card states train.*
         rerun = dvc(root, "repro")
-        assert "prepare" not in ran(rerun.stdout) and ran(rerun.stdout)[0] == "train"
+        assert ran(rerun.stdout) == ["train", "evaluate", "export"]
     finally:
         git(root, "checkout", "params.yaml")
         dvc(root, "repro")
@@ -120,6 +125,4 @@ def test_experiment_with_a_changed_learning_rate(project):
     assert "Running stage 'train'" in out.stdout and "Running stage 'prepare'" not in out.stdout
     table = json.loads(dvc(root, "exp", "show", "--json").stdout)
     names = json.dumps(table)
-    assert "lr-3e-5" in names
-    git(root, "checkout", "params.yaml", "dvc.lock")
-    dvc(root, "checkout", "--force")
+    assert "lr-3e-5" in names  # the experiment is the last test of the module: it leaves its results applied

@@ -1,4 +1,5 @@
-"""Session set-up shared by the unit tests, the end-to-end tests and the notebooks (nbval).
+"""pytest plugin (loaded by `-p testenv` in pyproject.toml, for every pytest run): session set-up
+shared by the unit tests, the end-to-end tests and the notebooks (nbval).
 
 Before any test runs, this builds the tiny model and writes a smoke params file into a temporary
 folder, and points `$SENTIMENT_NB_PARAMS` at it: the notebooks, run by nbval, then execute top to
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import FIXTURE_DATA, build_tiny_model, smoke_params, write_params  # noqa: E402
+from helpers import FIXTURE_DATA, build_tiny_model, smoke_params, write_params  # noqa: E402  (tests/ is on sys.path)
 
 _BASE = Path(tempfile.mkdtemp(prefix="sentiment-nb-tests-"))
 

@@ -1,0 +1,101 @@
+"""sentiment_nb.export: a tiny model and made-up metrics exported into a temporary folder."""
+import json
+import shutil
+
+import pytest
+
+from sentiment_nb.config import load_params
+from sentiment_nb.export import ExportError, check_pipeline, read_card_metadata, write_export
+
+METRICS = {"n": 1066, "accuracy": 0.84334, "f1": 0.84511, "ece": 0.03127,
+           "negative": {"precision": 0.8512, "recall": 0.8321}, "positive": {"precision": 0.8367, "recall": 0.8587}}
+
+
+@pytest.fixture
+def project(tmp_path, tiny_model_dir):
+    shutil.copytree(tiny_model_dir, tmp_path / "artifacts/train/best_model")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval/metrics.json").write_text(json.dumps(METRICS, indent=2) + "\n")
+    (tmp_path / "params.yaml").write_text(
+        "model:\n  checkpoint: distilbert-base-uncased\ndata:\n  source: rotten_tomatoes\n  max_length: 96\n"
+        "train:\n  learning_rate: 3.0e-5\n  epochs: 3\n")
+    return load_params(tmp_path / "params.yaml")
+
+
+def test_export_writes_safetensors_tokenizer_metrics_and_card(project):
+    out = write_export(project)
+    assert out == project.path("model")
+    names = {f.name for f in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "metrics.json", "README.md"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    assert (out / "metrics.json").read_bytes() == (project.path("eval") / "metrics.json").read_bytes()
+
+
+def test_card_numbers_equal_the_metrics_file(project):
+    card = (write_export(project) / "README.md").read_text()
+    meta = read_card_metadata(card)
+    assert meta["license"] and meta["pipeline_tag"] == "text-classification"
+    assert meta["base_model"] == "distilbert-base-uncased"
+    assert meta["datasets"] == ["rotten_tomatoes"]
+    values = {m["name"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert values["Accuracy"] == METRICS["accuracy"]
+    assert values["F1 (positive)"] == METRICS["f1"]
+    for label in ("negative", "positive"):
+        for m in ("precision", "recall"):
+            assert values[f"{m.capitalize()} ({label})"] == METRICS[label][m]
+    body = card.split("\n---\n", 1)[1]
+    assert "| accuracy | 0.8433 |" in body and "| F1 (positive) | 0.8451 |" in body
+    assert "| expected calibration error | 0.0313 |" in body and "(1066 sentences)" in body
+    # training settings come from params.yaml, not from the defaults
+    assert "| `learning_rate` | 3e-05 |" in body and "| `epochs` | 3.0 |" in body
+    assert "truncated at 96 tokens" in body and "`distilbert-base-uncased`" in body
+
+
+def test_local_sources_stay_out_of_hub_metadata(project, tmp_path):
+    (tmp_path / "data_dir").mkdir()
+    p = tmp_path / "params.yaml"
+    p.write_text(p.read_text().replace("source: rotten_tomatoes", "source: ./data_dir"))
+    card = (write_export(load_params(p)) / "README.md").read_text()
+    meta = read_card_metadata(card)
+    assert "datasets" not in meta and meta["base_model"] == "distilbert-base-uncased"
+    assert str(tmp_path) not in card
+
+
+def test_pipeline_loads_the_export(project):
+    answers = check_pipeline(write_export(project), texts=["a gorgeous film", "dull"])
+    assert len(answers) == 2
+    for a in answers:
+        assert sorted(x["label"] for x in a) == ["negative", "positive"]
+        assert sum(x["score"] for x in a) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_pipeline_check_fails_on_wrong_labels(project):
+    with pytest.raises(ExportError, match="labels are"):
+        check_pipeline(write_export(project), labels=["bad", "good"])
+
+
+def test_reexport_replaces_old_files(project):
+    out = project.path("model")
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    (out / "pytorch_model.bin").write_bytes(b"old")
+    write_export(project)
+    assert not (out / "pytorch_model.bin").exists()
+
+
+def test_refuses_to_empty_a_foreign_folder(project):
+    out = project.path("model")
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="does not look like an earlier export"):
+        write_export(project)
+    assert (out / "notes.txt").exists()
+
+
+def test_missing_or_bad_metrics(project):
+    (project.path("eval") / "metrics.json").unlink()
+    with pytest.raises(ExportError, match="dvc repro evaluate"):
+        write_export(project)
+    (project.path("eval") / "metrics.json").write_text('{"accuracy": 1}')
+    with pytest.raises(ExportError, match="has no n, f1, ece"):
+        write_export(project)

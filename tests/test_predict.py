@@ -1,0 +1,150 @@
+"""sentiment_nb.predict on the tiny (untrained) model: shapes, order, batching, and every error message."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sentiment_nb.predict import InputError, ModelDirError, Predictor, check_model_dir, check_texts, predict
+
+# lengths from 1 to ~20 tokens, deliberately not sorted, with repeats
+TEXTS = ["a gorgeous , witty , seductive movie that never lets up", "bad", "dull and far too long",
+         "the acting is superb and the story moves along at a good pace for two hours", "fun", "bad",
+         "a mess", "not bad at all , really"]
+
+
+@pytest.fixture(scope="module")
+def sharp_model_dir(tiny_model_dir, tmp_path_factory):
+    "The tiny model with its classifier scaled up, so that different texts get clearly different scores."
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("sharp")
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.classifier.weight.mul_(1000.0)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def predictor(sharp_model_dir):
+    return Predictor(sharp_model_dir, device="cpu", batch_size=3)
+
+
+def test_labels_come_from_the_model(predictor):
+    assert predictor.labels == ["negative", "positive"]
+    assert not predictor.model.training
+
+
+def test_probabilities_sum_to_one_and_match_label(predictor):
+    res = predictor.predict(TEXTS)
+    assert len(res) == len(TEXTS)
+    for r in res:
+        assert set(r) == {"label", "score", "probabilities"}
+        assert list(r["probabilities"]) == ["negative", "positive"]
+        assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
+        assert r["score"] == r["probabilities"][r["label"]]
+        assert isinstance(r["score"], float)
+    json.dumps(res)  # plain Python types: servable as JSON
+
+
+def test_batch_equals_one_by_one_and_order_is_kept(predictor):
+    batched = predictor.predict_proba(TEXTS)
+    alone = np.stack([predictor.predict_proba([t])[0] for t in TEXTS])
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    # the same texts, reversed: each row follows its text
+    np.testing.assert_allclose(predictor.predict_proba(TEXTS[::-1]), batched[::-1], atol=1e-5)
+    # identical texts get identical rows
+    np.testing.assert_allclose(batched[1], batched[5], atol=1e-6)
+    # different texts do not all get the same row (a mixed-up order would go unseen otherwise)
+    assert np.ptp(batched[:, 1]) > 1e-3  # 100x the tolerance above
+
+
+def test_batch_size_does_not_change_results(predictor):
+    np.testing.assert_allclose(predictor.predict_proba(TEXTS, batch_size=1),
+                               predictor.predict_proba(TEXTS, batch_size=len(TEXTS)), atol=1e-5)
+
+
+def test_long_text_is_truncated(tiny_model_dir):
+    p = Predictor(tiny_model_dir, device="cpu", max_length=8)
+    assert p.predict_proba(["word " * 500]).shape == (1, 2)
+
+
+def test_predict_caches_one_predictor(tiny_model_dir):
+    from sentiment_nb import predict as mod
+
+    mod._PREDICTORS.clear()
+    a = predict("a gorgeous film", model_dir=tiny_model_dir, device="cpu")
+    b = predict(["a gorgeous film", "dull"], model_dir=str(tiny_model_dir), device="cpu")
+    assert len(mod._PREDICTORS) == 1
+    assert a[0]["probabilities"] == pytest.approx(b[0]["probabilities"], abs=1e-5)
+
+
+@pytest.mark.parametrize("texts, message", [
+    ([], "No texts given"),
+    (["fine", 3], "Text 1 is int"),
+    (["fine", None], "Text 1 is NoneType"),
+    (["fine", "good", "   "], "Text 2 is empty or only whitespace"),
+    ("", "Text 0 is empty"),
+    ({"text": "x"}, "got dict"),
+    (42, "got int"),
+])
+def test_bad_texts(texts, message):
+    with pytest.raises(InputError, match=message):
+        check_texts(texts)
+
+
+def test_check_texts_accepts_a_string_or_a_list():
+    assert check_texts("one") == ["one"]
+    assert check_texts(("a", "b")) == ["a", "b"]
+
+
+def test_predictor_checks_texts(predictor):
+    with pytest.raises(InputError, match="Text 1 is empty"):
+        predictor.predict(["ok", ""])
+
+
+def test_missing_model_dir(tmp_path):
+    with pytest.raises(ModelDirError) as e:
+        check_model_dir(tmp_path / "model")
+    msg = str(e.value)
+    assert str(tmp_path / "model") in msg and "does not exist" in msg
+    assert "dvc repro" in msg and "dvc pull" in msg and "--model" in msg
+
+
+@pytest.mark.parametrize("remove, message", [
+    ("config.json", "no config.json"),
+    ("model.safetensors", "no weights (model.safetensors)"),
+    ("tokenizer.json", "no tokenizer files"),
+])
+def test_incomplete_model_dir(tiny_model_dir, tmp_path, remove, message):
+    d = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    for f in [remove, "vocab.txt"] if remove == "tokenizer.json" else [remove]:
+        (d / f).unlink(missing_ok=True)
+    with pytest.raises(ModelDirError) as e:
+        Predictor(d, device="cpu")
+    assert message in str(e.value) and str(d) in str(e.value) and "dvc repro" in str(e.value)
+
+
+def test_old_weights_format_is_named(tiny_model_dir, tmp_path):
+    d = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")
+    with pytest.raises(ModelDirError, match="it has pytorch_model.bin"):
+        check_model_dir(d)
+
+
+def test_model_path_is_a_file(tmp_path):
+    (tmp_path / "model").write_text("")
+    with pytest.raises(ModelDirError, match="is a file"):
+        check_model_dir(tmp_path / "model")
+
+
+def test_import_does_not_load_torch():
+    code = "import sys, sentiment_nb.predict; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
