@@ -5,8 +5,18 @@ import pandas as pd
 import pytest
 
 from sentiment_nb.config import load_params
-from sentiment_nb.data import (DataError, data_report, load_hub_splits, load_local_splits, load_splits,
-                               load_tokenizer, sample_splits, token_histogram, token_summary, tokenize_splits)
+from sentiment_nb.data import (
+    DataError,
+    data_report,
+    load_hub_splits,
+    load_local_splits,
+    load_splits,
+    load_tokenizer,
+    sample_splits,
+    token_histogram,
+    token_summary,
+    tokenize_splits,
+)
 
 GOOD = [{"text": "a witty, warm film", "label": 1}, {"text": "a dull mess", "label": 0}]
 

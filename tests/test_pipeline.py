@@ -75,6 +75,47 @@ def test_train_outputs(project):
     executed_report(root / "reports" / "02_train.ipynb")
 
 
+def test_evaluate_outputs(project):
+    root, _ = project
+    m = json.loads((root / "eval" / "metrics.json").read_text())
+    assert m["n"] == 12
+    for key in ("accuracy", "f1", "ece"):
+        assert 0 <= m[key] <= 1, key
+    for label in ("negative", "positive"):
+        assert 0 <= m[label]["precision"] <= 1 and 0 <= m[label]["recall"] <= 1
+    confusion = (root / "eval" / "plots" / "confusion.csv").read_text().splitlines()
+    assert confusion[0] == "actual,predicted" and len(confusion) == 13
+    assert {r.split(",")[0] for r in confusion[1:]} <= {"negative", "positive"}
+    assert (root / "eval" / "plots" / "reliability.csv").read_text().startswith("bin_lower,bin_upper,confidence,accuracy")
+    assert (root / "eval" / "plots" / "confidence.csv").is_file()
+    executed_report(root / "reports" / "03_evaluate.ipynb")
+
+
+def test_exported_model_loads_without_this_project(project):
+    from transformers import pipeline
+
+    from sentiment_nb.export import read_card_metadata
+    from sentiment_nb.predict import predict
+
+    root, _ = project
+    model = root / "model"
+    assert (model / "model.safetensors").is_file() and not list(model.glob("*.bin"))
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    card = (model / "README.md").read_text()
+    meta = read_card_metadata(card)
+    card_scores = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert card_scores["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert card_scores["f1"] == pytest.approx(metrics["f1"])
+    assert f"{metrics['accuracy']:.4f}" in card  # and the prose table says the same
+    clf = pipeline("text-classification", model=str(model), top_k=None)
+    scores = clf(["a witty and moving film"])[0]
+    assert {s["label"] for s in scores} == {"negative", "positive"}
+    out = predict(["a witty and moving film", "dull"], model_dir=model)
+    assert [set(o) for o in out] == [{"label", "score", "probabilities"}] * 2
+    assert all(abs(sum(o["probabilities"].values()) - 1) < 1e-5 for o in out)
+    executed_report(root / "reports" / "04_export.ipynb")
+
+
 def test_second_repro_is_a_noop(project):
     root, _ = project
     again = dvc(root, "repro")

@@ -1,0 +1,260 @@
+"""Load test: the Ray Serve app against a plain FastAPI + transformers baseline, on the same model folder.
+
+Both servers run on the loopback. Concurrent clients (httpx, asyncio) send one sentence per request, taken in turn
+from a JSONL file, at each concurrency level (default 1, 8 and 32); each level stops after --requests requests or
+--duration seconds, whichever comes first. For each server and level the script reports the throughput (answered
+requests per second), the p50/p95/p99 latency of the answered requests, and the errors by status.
+
+- serve: `sentiment_nb.serve.start_server` (one model replica with --cpus CPUs, dynamic batching, length sorting).
+- baseline: this file's `_baseline` mode under uvicorn in a subprocess: the model loaded once, one forward pass per
+  request, no batching, torch limited to --cpus threads per pass.
+
+    python bench/serve_load.py --model model --requests 400 --duration 30 --json bench/results.json
+
+It needs an exported model (`dvc repro`); the numbers mean something only for the fine-tuned model, and only on an
+otherwise idle machine.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "rotten_tomatoes" / "test.jsonl"
+
+
+# --- the baseline server ----------------------------------------------------------------------------------------------
+
+def baseline_app(model_dir: str):
+    "FastAPI + transformers, the obvious way: the model loaded once, one forward pass per request."
+    # (no `from __future__ import annotations` in this file: FastAPI must see `Body` itself, not a string)
+    import torch
+    from fastapi import FastAPI
+    from pydantic import BaseModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).eval()
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    max_length = min(512, getattr(model.config, "max_position_embeddings", 512), tokenizer.model_max_length)
+    app = FastAPI(title="baseline")
+
+    class Body(BaseModel):
+        text: str
+
+    @app.post("/predict")
+    def predict(body: Body):  # a sync route: FastAPI runs it in its thread pool
+        with torch.inference_mode():
+            enc = tokenizer(body.text, truncation=True, max_length=max_length, return_tensors="pt")
+            p = model(**enc).logits.softmax(-1)[0].tolist()
+        best = max(range(len(p)), key=p.__getitem__)
+        return {"label": labels[best], "score": p[best], "probabilities": dict(zip(labels, p, strict=True))}
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    return app
+
+
+def run_baseline(model_dir: str, port: int, threads: int) -> None:
+    import torch
+    import uvicorn
+
+    torch.set_num_threads(threads)
+    uvicorn.run(baseline_app(model_dir), host="127.0.0.1", port=port, log_level="warning")
+
+
+# --- the load -------------------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_sentences(path: Path, limit: int = 100_000) -> list[str]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                out.append(json.loads(line)["text"])
+            if len(out) >= limit:
+                break
+    if not out:
+        raise SystemExit(f"No sentences in {path}.")
+    return out
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+async def load(url: str, sentences: list[str], concurrency: int, max_requests: int, max_seconds: float) -> dict:
+    "Send up to `max_requests` requests from `concurrency` clients, for at most `max_seconds`; the statistics."
+    import httpx
+
+    latencies, statuses, sent = [], Counter(), 0
+    deadline = time.perf_counter() + max_seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+        async def worker():
+            nonlocal sent
+            while sent < max_requests and time.perf_counter() < deadline:
+                text = sentences[sent % len(sentences)]
+                sent += 1
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/predict", json={"text": text})
+                    status = r.status_code
+                except httpx.HTTPError as e:
+                    status = type(e).__name__
+                dt = time.perf_counter() - t0
+                statuses[status] += 1
+                if status == 200:
+                    latencies.append(dt * 1000)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ok = statuses.get(200, 0)
+    return {"concurrency": concurrency, "requests": sum(statuses.values()), "ok": ok,
+            "errors": {str(k): v for k, v in statuses.items() if k != 200}, "seconds": round(wall, 2),
+            "throughput_rps": round(ok / wall, 1) if wall else None,
+            **{f"p{q}_ms": None if not latencies else round(percentile(latencies, q), 1) for q in (50, 95, 99)}}
+
+
+def wait_up(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"The baseline server exited with status {proc.returncode}.")
+        try:
+            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} did not come up within {timeout_s:.0f} s.")
+
+
+def bench(name: str, url: str, sentences, levels, max_requests, max_seconds, warmup) -> list[dict]:
+    asyncio.run(load(url, sentences, min(4, max(levels)), warmup, 60))  # load the model's code paths, fill caches
+    rows = []
+    for c in levels:
+        row = {"server": name, **asyncio.run(load(url, sentences, c, max_requests, max_seconds))}
+        print(f"  {name:8} concurrency {c:3}: {row['throughput_rps']} req/s, p50 {row['p50_ms']} ms, "
+              f"p99 {row['p99_ms']} ms, errors {row['errors'] or 0}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["server", "concurrency", "requests", "ok", "throughput_rps", "p50_ms", "p95_ms", "p99_ms", "errors"]
+    cells = [[str(r[c]) if c != "errors" else (", ".join(f"{k}: {v}" for k, v in r[c].items()) or "0") for c in cols]
+             for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    line = lambda xs: "  ".join(x.rjust(w) for x, w in zip(xs, widths, strict=True))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(REPO / "model"), help="exported model folder (default: %(default)s)")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="JSONL with a `text` field (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests", type=int, default=400, help="at most this many requests per level")
+    p.add_argument("--duration", type=float, default=30.0, help="at most this many seconds per level")
+    p.add_argument("--warmup", type=int, default=20, help="requests sent before measuring each server")
+    p.add_argument("--cpus", type=int, default=1, help="CPUs of the Serve replica = torch threads of the baseline")
+    p.add_argument("--max-batch-size", type=int, default=None, help="serve.max_batch_size (default: params.yaml)")
+    p.add_argument("--only", choices=["serve", "baseline"], default=None, help="run one server only")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("_baseline", nargs="?", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args._baseline == "_baseline":  # the baseline server's own process
+        run_baseline(args.model, args.port, args.cpus)
+        return 0
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from sentiment_nb.predict import ModelDirError, check_model_dir
+
+    try:
+        model = check_model_dir(args.model)
+    except ModelDirError as e:
+        print(f"serve_load: {e}", file=sys.stderr)
+        return 2
+    sentences = read_sentences(Path(args.data))
+    print(f"{len(sentences)} sentences from {args.data}; model {model}; levels {args.concurrency}; "
+          f"at most {args.requests} requests or {args.duration:.0f} s per level; {args.cpus} CPU(s) per server",
+          flush=True)
+    rows = []
+
+    if args.only in (None, "serve"):
+        from sentiment_nb.config import load_params
+        from sentiment_nb.serve import start_server, stop_server
+
+        over = {"serve.model": str(model), "serve.host": "127.0.0.1", "serve.port": free_port(),
+                "serve.num_replicas": 1, "serve.autoscaling": False, "serve.num_cpus": args.cpus,
+                "serve.max_queued_requests": -1}
+        if args.max_batch_size:
+            over["serve.max_batch_size"] = args.max_batch_size
+        settings = load_params(REPO / "params.yaml", over)
+        mbs = settings.serve.max_batch_size
+        if settings.serve.max_ongoing_requests <= max(args.concurrency):
+            settings = load_params(REPO / "params.yaml", {**over, "serve.max_ongoing_requests": max(args.concurrency) + mbs})
+        t0 = time.perf_counter()
+        url = start_server(settings, num_cpus=max(2, args.cpus + 1))
+        print(f"serve up at {url} in {time.perf_counter() - t0:.0f} s (max_batch_size {mbs})", flush=True)
+        try:
+            rows += bench("serve", url, sentences, args.concurrency, args.requests, args.duration, args.warmup)
+        finally:
+            stop_server()
+
+    if args.only in (None, "baseline"):
+        port = free_port()
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.cpus), "MKL_NUM_THREADS": str(args.cpus)}
+        proc = subprocess.Popen([sys.executable, __file__, "_baseline", "--model", str(model), "--port", str(port),
+                                 "--cpus", str(args.cpus)], env=env)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_up(url, 180, proc)
+            print(f"baseline up at {url}", flush=True)
+            rows += bench("baseline", url, sentences, args.concurrency, args.requests, args.duration, args.warmup)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    print()
+    print(table(rows))
+    if args.json:
+        meta = {"model": str(model), "data": args.data, "cpus": args.cpus, "os_cpus": os.cpu_count(),
+                "max_requests": args.requests, "max_seconds": args.duration}
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""`sentiment-nb predict` on the tiny model, and the user errors of `predict` and `serve` (exit 2, one line, no traceback)."""
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sentiment_nb.cli import build_parser, main, serve_settings
+
+SENTENCES = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés ."]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def check_prediction(p):
+    assert set(p) == {"label", "score", "probabilities"}
+    assert set(p["probabilities"]) == {"negative", "positive"}
+    assert sum(p["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+    assert p["score"] == pytest.approx(max(p["probabilities"].values()))
+
+
+def test_predict_one_text_prints_one_object(capsys, tiny_model_dir):
+    code, out, err = run(capsys, "predict", SENTENCES[0], "--model", str(tiny_model_dir))
+    assert code == 0, err
+    check_prediction(json.loads(out))
+
+
+def test_predict_several_texts_prints_a_list_in_order(capsys, tiny_model_dir):
+    code, out, _ = run(capsys, "predict", *SENTENCES, "--model", str(tiny_model_dir), "--batch-size", "1")
+    got = json.loads(out)
+    assert code == 0 and isinstance(got, list) and len(got) == 2
+    for p in got:
+        check_prediction(p)
+    _, out_rev, _ = run(capsys, "predict", *SENTENCES[::-1], "--model", str(tiny_model_dir))
+    assert json.loads(out_rev) == got[::-1]
+
+
+def test_predict_reads_stdin_with_a_dash(capsys, monkeypatch, tiny_model_dir):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(SENTENCES[0] + "\n\n" + SENTENCES[1] + "\n"))
+    code, out, _ = run(capsys, "predict", "-", "--model", str(tiny_model_dir))
+    assert code == 0 and len(json.loads(out)) == 2
+
+
+def incomplete_model(tiny_model_dir, tmp_path) -> Path:
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    (d / "model.safetensors").unlink()
+    return d
+
+
+@pytest.mark.parametrize("case, argv, words", [
+    ("missing folder", lambda m, t: ["predict", "fine", "--model", str(t / "no_such_model")], "does not exist"),
+    ("incomplete folder", lambda m, t: ["predict", "fine", "--model", str(incomplete_model(m, t))], "is incomplete"),
+    ("empty text", lambda m, t: ["predict", "", "--model", str(m)], "empty"),
+    ("blank text", lambda m, t: ["predict", "fine", "  ", "--model", str(m)], "Text 1 is empty"),
+    ("serve, missing folder", lambda m, t: ["serve", "--model", str(t / "no_such_model")], "does not exist"),
+    ("serve, missing params", lambda m, t: ["serve", "--params", str(t / "nope.yaml")], "does not exist"),
+])
+def test_user_errors_exit_2_with_one_clear_line(capsys, tiny_model_dir, tmp_path, case, argv, words):
+    code, out, err = run(capsys, *argv(tiny_model_dir, tmp_path))
+    assert code == 2, (case, out, err)
+    assert out == ""
+    assert err.startswith("sentiment-nb: error: ") and words in err and err.count("\n") == 1, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["predict"], ["predict", "x", "--batch-size", "0"], ["serve", "--port", "70000"],
+                                  ["serve", "--replicas", "many"], ["frobnicate"]])
+def test_bad_options_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "usage: sentiment-nb" in capsys.readouterr().err
+
+
+def test_console_script_without_a_model_fails_cleanly(tmp_path):
+    exe = Path(sys.executable).parent / "sentiment-nb"
+    if not exe.exists():
+        pytest.skip("the sentiment-nb console script is not installed (pip install -e .)")
+    p = subprocess.run([str(exe), "predict", "a fine film", "--model", str(tmp_path / "model")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.strip().startswith("sentiment-nb: error: Model folder") and "Traceback" not in p.stderr
+
+
+def test_serve_options_override_the_params_file(smoke_params_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["serve", "--params", str(smoke_params_file), "--model", "here/model",
+                                      "--host", "0.0.0.0", "--port", "9100", "--replicas", "3"])
+    s = serve_settings(args)
+    assert (s.serve.host, s.serve.port, s.serve.num_replicas) == ("0.0.0.0", 9100, 3)
+    assert s.resolve(s.serve.model) == tmp_path / "here" / "model"  # relative to the current folder
+    plain = serve_settings(build_parser().parse_args(["serve", "--params", str(smoke_params_file)]))
+    assert plain.serve.port == 8000 and plain.serve.host == "127.0.0.1"
+
+
+def test_serve_without_any_params_file_uses_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SENTIMENT_NB_PARAMS")
+    s = serve_settings(build_parser().parse_args(["serve"]))
+    assert s.serve.port == 8000 and s.resolve(s.serve.model) == tmp_path / "model"
+    s = serve_settings(build_parser().parse_args(["serve", "--port", "8001"]))
+    assert s.serve.port == 8001

@@ -1,0 +1,276 @@
+"""The Ray Serve app end to end: one real server on 127.0.0.1 with the tiny model, driven over HTTP and by a browser.
+
+One module-scoped server serves every test here (a Ray start-up costs 20-40 s on two cores). Its queue limits are
+tiny, so that a burst of requests overloads it; the other tests send one request at a time. At teardown, every Ray
+process that the server started (raylet, gcs_server and the workers under them) must be gone.
+"""
+import os
+import shutil
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+import psutil
+import pytest
+from helpers import FIXTURE_DATA, smoke_params, write_params
+
+pytestmark = pytest.mark.slow
+
+SERVE = {"max_batch_size": 2, "max_ongoing_requests": 3, "max_queued_requests": 2, "max_chars": 200,
+         "max_texts": 8, "batch_wait_timeout_s": 0.01, "num_cpus": 0.5}
+# Three fixture sentences to which the (untrained) tiny model gives P(positive) about 2e-5 apart: enough to tell
+# them apart at a tolerance of 5e-6, far above float noise, so that the order checks can fail.
+TEXTS = ["an utterly forgettable thriller with a shallow script", "a funny and touching thriller .", "meh ."]
+LONG = "the plot is nothing but boilerplate clichés from start to finish , and the actors look bored ."
+
+
+@dataclass
+class Server:
+    url: str
+    ray_pids: dict  # pid -> process name, for every process under the test's raylet and gcs_server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_processes() -> dict[int, str]:
+    "The raylet and gcs_server started by this test process, and everything under them."
+    found = {}
+    for child in psutil.Process().children():
+        try:
+            name = child.name()
+            if "raylet" in name or "gcs_server" in name:
+                found[child.pid] = name
+                found.update({p.pid: p.name() for p in child.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def alive(pids) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    import ray
+
+    from sentiment_nb.config import load_params
+    from sentiment_nb.serve import start_server, stop_server
+
+    if ray.is_initialized():  # another module's Ray: this server needs its own session
+        ray.shutdown()
+    folder = tmp_path_factory.mktemp("serve")
+    params = write_params(folder / "params.yaml", smoke_params(
+        FIXTURE_DATA, tiny_model_dir, serve={**SERVE, "model": str(tiny_model_dir), "port": free_port()}))
+    url = start_server(load_params(params), num_cpus=2, log_to_driver=False)
+    pids = ray_processes()
+    try:
+        assert any("raylet" in n for n in pids.values()) and any("gcs_server" in n for n in pids.values()), pids
+        yield Server(url, pids)
+    finally:
+        stop_server()
+        deadline = time.monotonic() + 60  # gcs_server can take a while to go
+        while alive(pids) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = {pid: pids[pid] for pid in alive(pids)}
+        for pid in left:  # do not leave them to the next tests, but fail all the same
+            psutil.Process(pid).kill()
+        assert not left, f"Ray processes left running after stop_server(): {left}"
+
+
+def post(server, body=None, **kw):
+    return httpx.post(server.url + "/predict", json=body, timeout=60, **kw) if body is not None else \
+        httpx.post(server.url + "/predict", timeout=60, **kw)
+
+
+def check_prediction(p):
+    assert set(p) == {"label", "score", "probabilities"}
+    assert set(p["probabilities"]) == {"negative", "positive"}  # the names of the model's id2label
+    assert abs(sum(p["probabilities"].values()) - 1) < 1e-5
+    assert p["label"] == max(p["probabilities"], key=p["probabilities"].get)
+    assert p["score"] == pytest.approx(p["probabilities"][p["label"]])
+
+
+# --- the contract ---------------------------------------------------------------------------------------------------
+
+def test_one_text_gives_one_prediction(server):
+    r = post(server, {"text": TEXTS[0]})
+    assert r.status_code == 200, r.text
+    check_prediction(r.json())
+
+
+def test_texts_give_predictions_in_input_order(server, tiny_model_dir):
+    from sentiment_nb.predict import Predictor
+
+    expected = Predictor(tiny_model_dir, device="cpu").predict(TEXTS)
+    ps = sorted(e["probabilities"]["positive"] for e in expected)
+    assert min(b - a for a, b in zip(ps, ps[1:], strict=False)) > 1.5e-5, f"the tiny model cannot tell these apart: {ps}"
+    r = post(server, {"texts": TEXTS})
+    assert r.status_code == 200, r.text
+    got = r.json()["predictions"]
+    assert len(got) == len(TEXTS)
+    for g, e in zip(got, expected, strict=True):
+        check_prediction(g)
+        assert g["label"] == e["label"]
+        assert g["probabilities"]["positive"] == pytest.approx(e["probabilities"]["positive"], abs=5e-6), (got, expected)
+    # reversed input, reversed answer: the order is the caller's, not the batch's length order
+    back = post(server, {"texts": TEXTS[::-1]}).json()["predictions"]
+    assert [p["probabilities"]["positive"] for p in back] == pytest.approx(
+        [p["probabilities"]["positive"] for p in got[::-1]], abs=5e-6)
+
+
+BAD = [
+    ("malformed JSON", {"content": b'{"text": "unclosed', "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ("no body", {"content": b"", "headers": {"content-type": "application/json"}}, 422, "no JSON body"),
+    ("missing field", {"json": {}}, 422, "exactly one of `text`"),
+    ("misspelled field", {"json": {"txt": "a fine film"}}, 422, "txt"),
+    ("both fields", {"json": {"text": "a", "texts": ["b"]}}, 422, "got both"),
+    ("number for text", {"json": {"text": 42}}, 422, "text: Input should be a valid string"),
+    ("number in texts", {"json": {"texts": ["ok", 7]}}, 422, "texts[1]: Input should be a valid string"),
+    ("texts not a list", {"json": {"texts": "a fine film"}}, 422, "texts"),
+    ("JSON list body", {"json": ["a fine film"]}, 422, "body"),
+    ("empty text", {"json": {"text": ""}}, 422, "`text` is empty"),
+    ("whitespace text", {"json": {"text": "  \n\t "}}, 422, "only whitespace"),
+    ("empty texts", {"json": {"texts": []}}, 422, "empty list"),
+    ("blank item", {"json": {"texts": ["fine", " "]}}, 422, "`texts[1]` is empty"),
+    ("text too long", {"json": {"text": "x" * 201}}, 413, "201 characters; at most 200"),
+    ("too many texts", {"json": {"texts": ["fine"] * 9}}, 413, "9 items; at most 8"),
+]
+
+
+@pytest.mark.parametrize("case, request_kw, status, words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_4xx_with_a_message(server, case, request_kw, status, words):
+    r = httpx.post(server.url + "/predict", timeout=60, **request_kw)
+    assert r.status_code == status, f"{case}: {r.status_code} {r.text}"
+    body = r.json()
+    assert set(body) >= {"error", "detail"}
+    assert words in body["detail"], body
+
+
+def test_wrong_method_and_path_are_4xx(server):
+    assert httpx.get(server.url + "/predict").status_code == 405
+    assert httpx.get(server.url + "/nope").status_code == 404
+
+
+def test_healthz_reports_a_loaded_model(server):
+    r = httpx.get(server.url + "/healthz", timeout=30)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok" and body["labels"] == ["negative", "positive"] and body["device"] == "cpu"
+
+
+def test_index_page_has_the_form(server):
+    r = httpx.get(server.url + "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert '<form id="form"' in r.text and 'id="text"' in r.text
+
+
+def test_openapi_documents_the_contract(server):
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert set(spec["paths"]) >= {"/predict", "/healthz"}
+    schemas = spec["components"]["schemas"]
+    assert {"PredictRequest", "Prediction", "BatchPrediction", "ErrorResponse"} <= set(schemas)
+    assert set(spec["paths"]["/predict"]["post"]["responses"]) >= {"200", "413", "422", "503"}
+    assert httpx.get(server.url + "/docs").status_code == 200
+
+
+def test_overload_gets_503_and_the_server_recovers(server):
+    body = {"texts": [LONG] * 8}
+
+    def one(_):
+        return httpx.post(server.url + "/predict", json=body, timeout=120)
+
+    with ThreadPoolExecutor(48) as pool:
+        answers = list(pool.map(one, range(96)))
+    codes = [a.status_code for a in answers]
+    assert set(codes) <= {200, 503}, sorted(set(codes))
+    assert codes.count(503) > 0, "a burst of 96 requests did not overflow a queue of 2"
+    assert codes.count(200) > 0
+    assert post(server, {"text": TEXTS[0]}).status_code == 200  # no lasting harm
+
+
+def test_custom_metrics_reach_prometheus(server):
+    from sentiment_nb.serve import metrics_url
+
+    assert post(server, {"texts": TEXTS}).status_code == 200
+    assert post(server, {"text": " "}).status_code == 422
+    want = ['ray_sentiment_predictions_total{', 'label="', 'ray_sentiment_errors_total{', 'error="empty_text"',
+            "ray_serve_num_http_requests"]  # Serve's own metrics, on the same endpoint
+    deadline, text = time.monotonic() + 90, ""  # Ray exports metrics every few seconds
+    while time.monotonic() < deadline:
+        try:
+            text = httpx.get(metrics_url(), timeout=10).text
+        except httpx.HTTPError:
+            text = ""
+        if all(w in text for w in want):
+            break
+        time.sleep(2)
+    missing = [w for w in want if w not in text]
+    assert not missing, f"not in {metrics_url()}: {missing}"
+    labels = {line.split('label="')[1].split('"')[0] for line in text.splitlines()
+              if line.startswith("ray_sentiment_predictions_total{")}
+    assert labels <= {"negative", "positive"} and labels
+
+
+# --- the page, in a real browser ------------------------------------------------------------------------------------
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage"]
+APT_HINT = "apt-get install -y chromium chromium-driver"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    binary = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    driver = shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.skip(f"no headless browser: chromium={binary}, chromedriver={driver}; install them with `{APT_HINT}`")
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager download a browser or driver
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = binary
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'chromium'}"]:
+        opts.add_argument(flag)
+    d = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=opts)
+    try:
+        yield d
+    finally:
+        d.quit()
+
+
+def test_page_classifies_a_typed_sentence(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + "/")
+    browser.find_element(By.ID, "text").send_keys(TEXTS[0])
+    browser.find_element(By.ID, "submit").click()
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "label").get_attribute("data-label"))
+    shown = browser.find_element(By.ID, "label").text
+    assert shown == post(server, {"text": TEXTS[0]}).json()["label"]
+    rows = browser.find_elements(By.CSS_SELECTOR, "#probs .row")
+    assert [r.find_element(By.CLASS_NAME, "name").text for r in rows] == ["negative", "positive"]
+
+
+def test_page_shows_the_error_of_a_blank_sentence(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + "/")
+    browser.find_element(By.ID, "text").send_keys("   ")
+    browser.find_element(By.ID, "submit").click()
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text.startswith("422: `text` is empty")

@@ -1,0 +1,190 @@
+"""The serving logic that needs no Ray: request checks, batch bookkeeping, response shaping, options, config."""
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from sentiment_nb.config import ServeParams, load_params
+from sentiment_nb.serve import (
+    INDEX_HTML,
+    CapacityError,
+    PredictRequest,
+    RequestError,
+    build_app,
+    check_capacity,
+    deployment_options,
+    merge_batch,
+    request_log,
+    request_texts,
+    resolve_settings,
+    serve_config,
+    shape_response,
+    split_batch,
+    validation_error,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def result(label, p_pos):
+    return {"label": label, "score": max(p_pos, 1 - p_pos), "probabilities": {"negative": 1 - p_pos, "positive": p_pos}}
+
+
+# --- request checks -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, where", [
+    ({"text": 3}, "text"),
+    ({"texts": ["ok", 4]}, "texts"),
+    ({"texts": "not a list"}, "texts"),
+    ({}, "exactly one"),
+    ({"text": "a", "texts": ["b"]}, "got both"),
+    ({"txt": "typo"}, "txt"),
+])
+def test_bad_bodies_fail_the_model(body, where):
+    with pytest.raises(ValidationError) as e:
+        PredictRequest.model_validate(body)
+    assert where in str(e.value)
+
+
+@pytest.mark.parametrize("body, status, kind, words", [
+    ({"text": ""}, 422, "empty_text", "`text` is empty"),
+    ({"text": " \t\n"}, 422, "empty_text", "only whitespace"),
+    ({"texts": ["fine", ""]}, 422, "empty_text", "`texts[1]` is empty"),
+    ({"texts": []}, 422, "empty_input", "empty list"),
+    ({"text": "x" * 11}, 413, "text_too_long", "11 characters; at most 10"),
+    ({"texts": ["ok", "y" * 12]}, 413, "text_too_long", "`texts[1]` has 12 characters"),
+    ({"texts": ["a", "b", "c", "d"]}, 413, "too_many_texts", "4 items; at most 3"),
+])
+def test_limits_give_4xx_with_a_message(body, status, kind, words):
+    with pytest.raises(RequestError) as e:
+        request_texts(PredictRequest.model_validate(body), max_chars=10, max_texts=3)
+    assert (e.value.status, e.value.kind) == (status, kind)
+    assert words in e.value.detail
+
+
+def test_good_requests_pass_unchanged():
+    assert request_texts(PredictRequest(text="exactly10!"), 10, 3) == ["exactly10!"]
+    assert request_texts(PredictRequest(texts=["a", " b ", "c"]), 10, 3) == ["a", " b ", "c"]
+
+
+def test_validation_errors_are_readable():
+    status, body = validation_error([{"type": "json_invalid", "loc": ("body", 1), "msg": "JSON decode error",
+                                      "ctx": {"error": "Expecting value"}}])
+    assert status == 400 and body["error"] == "malformed_json" and "Expecting value" in body["detail"]
+    status, body = validation_error([{"type": "string_type", "loc": ("body", "texts", 2), "msg": "Input should be a valid string"},
+                                     {"type": "missing", "loc": ("body",), "msg": "Field required"}])
+    assert status == 422
+    assert body["detail"].startswith("texts[2]: Input should be a valid string; body: no JSON body")
+    assert [e["loc"] for e in body["errors"]] == [["body", "texts", "2"], ["body"]]
+
+
+# --- batches --------------------------------------------------------------------------------------------------------
+
+def test_merge_sorts_by_length_and_split_restores_each_request():
+    requests = [["ccc", "a"], ["bbbbb"], ["dd", "e", "ffffff"]]
+    texts, order = merge_batch(requests)
+    assert [len(t) for t in texts] == sorted(len(t) for r in requests for t in r)
+    assert split_batch([t.upper() for t in texts], order, requests) == [[t.upper() for t in r] for r in requests]
+
+
+def test_merge_is_stable_for_equal_lengths():
+    texts, order = merge_batch([["b", "a"], ["c"]])
+    assert texts == ["b", "a", "c"] and order == [0, 1, 2]
+
+
+def test_split_refuses_a_wrong_number_of_results():
+    texts, order = merge_batch([["a", "b"]])
+    with pytest.raises(ValueError, match="1 results for 2 texts"):
+        split_batch(["A"], order, [["a", "b"]])
+
+
+# --- responses and logs ---------------------------------------------------------------------------------------------
+
+def test_single_text_gets_one_object_and_texts_get_a_list_in_order():
+    rs = [result("positive", 0.9), result("negative", 0.2)]
+    one = shape_response(PredictRequest(text="x"), rs[:1])
+    assert set(one) == {"label", "score", "probabilities"} and one["label"] == "positive"
+    many = shape_response(PredictRequest(texts=["x", "y"]), rs)
+    assert [p["label"] for p in many["predictions"]] == ["positive", "negative"]
+    assert all(isinstance(v, float) for p in many["predictions"] for v in p["probabilities"].values())
+
+
+def test_request_log_keeps_text_only_when_asked():
+    rs = [result("positive", 0.9), result("positive", 0.8)]
+    rec = request_log(["private words", "more"], rs, 3.14159, {"batch_requests": 2, "batch_texts": 7, "model_ms": 1.0})
+    assert rec["labels"] == {"positive": 2} and rec["batch_texts"] == 7 and rec["latency_ms"] == 3.14
+    assert "private" not in str(rec)
+    assert request_log(["private words"], rs[:1], 1.0, log_text=True)["texts"] == ["private words"]
+
+
+def test_index_page_is_self_contained():
+    assert "<script src" not in INDEX_HTML and "<link" not in INDEX_HTML
+    assert "http://" not in INDEX_HTML and "https://" not in INDEX_HTML
+    for element in ('id="text"', 'id="submit"', 'id="label"', 'id="probs"'):
+        assert element in INDEX_HTML
+
+
+# --- options and config ---------------------------------------------------------------------------------------------
+
+def test_fixed_replicas_and_resources_come_from_settings():
+    model, ingress = deployment_options(ServeParams(num_replicas=3, num_cpus=0.25, num_gpus=0.5,
+                                                    max_ongoing_requests=40, max_queued_requests=7))
+    assert model["num_replicas"] == 3 and "autoscaling_config" not in model
+    assert model["ray_actor_options"] == {"num_cpus": 0.25, "num_gpus": 0.5}
+    assert (model["max_ongoing_requests"], model["max_queued_requests"]) == (40, 7)
+    assert ingress["ray_actor_options"]["num_cpus"] < 1 and "num_gpus" not in ingress["ray_actor_options"]
+
+
+def test_autoscaling_replaces_num_replicas():
+    model, ingress = deployment_options(ServeParams(num_replicas=4, autoscaling=True, max_batch_size=16))
+    for opts in (model, ingress):
+        assert "num_replicas" not in opts
+        assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
+
+
+def test_replicas_that_cannot_fit_are_refused_before_they_wait_for_ever():
+    check_capacity(ServeParams(num_replicas=3, num_cpus=0.5), cpus=2)  # 3 x (0.5 + ingress 0.1) = 1.8
+    with pytest.raises(CapacityError, match="need 2.4 CPUs; Ray has 2"):
+        check_capacity(ServeParams(num_replicas=4, num_cpus=0.5), cpus=2)
+    with pytest.raises(CapacityError, match="GPUs; Ray has 0"):
+        check_capacity(ServeParams(num_gpus=1), cpus=8, gpus=0)
+    check_capacity(ServeParams(num_replicas=2, num_gpus=0.5), cpus=8, gpus=1)
+    check_capacity(ServeParams(num_replicas=16, autoscaling=True), cpus=1)  # starts with one
+
+
+def test_default_ongoing_requests_let_batches_fill():
+    sp = load_params(REPO / "params.yaml").serve
+    assert deployment_options(sp)[0]["max_ongoing_requests"] > sp.max_batch_size
+
+
+def test_committed_serve_config_matches_params():
+    committed = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    assert committed == serve_config(load_params(REPO / "params.yaml"))
+    app = committed["applications"][0]
+    assert app["import_path"] == "sentiment_nb.serve:build_app" and (REPO / app["args"]["params"]).is_file()
+    assert "deployments" not in app  # the options live in params.yaml only
+
+
+def test_builder_args_override_serve_settings(smoke_params_file):
+    s = resolve_settings({"params": str(smoke_params_file), "port": "9123", "num_replicas": 2})
+    assert (s.serve.port, s.serve.num_replicas) == (9123, 2)
+
+
+def test_builder_refuses_unknown_keys_and_missing_models(smoke_params_file, tmp_path):
+    from sentiment_nb.config import ParamsError
+    from sentiment_nb.predict import ModelDirError
+
+    with pytest.raises(ParamsError, match="serve.replicas"):
+        resolve_settings({"params": str(smoke_params_file), "replicas": 2})
+    with pytest.raises(ModelDirError, match="does not exist"):
+        build_app({"params": str(smoke_params_file), "model": str(tmp_path / "nope")})
+
+
+def test_builder_binds_the_two_deployments(smoke_params_file, tiny_model_dir):
+    app = build_app({"params": str(smoke_params_file), "model": str(tiny_model_dir), "num_replicas": 2})
+    ingress = app._bound_deployment
+    assert ingress.name == "SentimentAPI" and ingress.num_replicas == 2
+    model = ingress.init_args[0]._bound_deployment
+    assert model.name == "SentimentModel" and model.ray_actor_options["num_cpus"] == 0.5
+    assert ingress.init_args[0]._bound_deployment.init_args[0] == str(tiny_model_dir)
