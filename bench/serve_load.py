@@ -184,6 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpus", type=int, default=1, help="CPUs of the Serve replica = torch threads of the baseline")
     p.add_argument("--max-batch-size", type=int, default=None, help="serve.max_batch_size (default: params.yaml)")
     p.add_argument("--only", choices=["serve", "baseline"], default=None, help="run one server only")
+    p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8", "auto"], default=None,
+                   help="serve.backend of the Serve replica (default: params.yaml)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("_baseline", nargs="?", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
@@ -217,6 +219,8 @@ def main(argv=None) -> int:
                 "serve.max_queued_requests": -1}
         if args.max_batch_size:
             over["serve.max_batch_size"] = args.max_batch_size
+        if args.backend:
+            over["serve.backend"] = args.backend
         settings = load_params(REPO / "params.yaml", over)
         mbs = settings.serve.max_batch_size
         if settings.serve.max_ongoing_requests <= max(args.concurrency):
@@ -225,7 +229,8 @@ def main(argv=None) -> int:
         url = start_server(settings, num_cpus=max(2, args.cpus + 1))
         print(f"serve up at {url} in {time.perf_counter() - t0:.0f} s (max_batch_size {mbs})", flush=True)
         try:
-            rows += bench("serve", url, sentences, args.concurrency, args.requests, args.duration, args.warmup)
+            name = f"serve:{args.backend}" if args.backend else "serve"
+            rows += bench(name, url, sentences, args.concurrency, args.requests, args.duration, args.warmup)
         finally:
             stop_server()
 
@@ -249,7 +254,7 @@ def main(argv=None) -> int:
     print()
     print(table(rows))
     if args.json:
-        meta = {"model": str(model), "data": args.data, "cpus": args.cpus, "os_cpus": os.cpu_count(),
+        meta = {"model": str(model), "data": args.data, "cpus": args.cpus, "os_cpus": os.cpu_count(), "backend": args.backend,
                 "max_requests": args.requests, "max_seconds": args.duration}
         Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
         print(f"\nwrote {args.json}")

@@ -11,7 +11,7 @@ from helpers import FIXTURE_DATA, copy_repo, git, run, smoke_params, write_param
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["prepare", "train", "evaluate", "export"]
+STAGES = ["prepare", "train", "onnx", "evaluate", "export"]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,19 @@ def test_evaluate_outputs(project):
     assert {r.split(",")[0] for r in confusion[1:]} <= {"negative", "positive"}
     assert (root / "eval" / "plots" / "reliability.csv").read_text().startswith("bin_lower,bin_upper,confidence,accuracy")
     assert (root / "eval" / "plots" / "confidence.csv").is_file()
+    assert set(m["backends"]) == {"torch", "onnx", "onnx-int8"}
+    for scores in m["backends"].values():
+        assert {"accuracy", "f1", "agreement"} <= set(scores) and 0 <= scores["agreement"] <= 1
+    assert m["backends"]["torch"]["accuracy"] == m["accuracy"] and m["backends"]["onnx"]["agreement"] == 1.0
     executed_report(root / "reports" / "03_evaluate.ipynb")
+
+
+def test_onnx_outputs(project):
+    root, _ = project
+    assert (root / "artifacts" / "onnx" / "model.onnx").is_file() and (root / "artifacts" / "onnx" / "model.int8.onnx").is_file()
+    check = json.loads((root / "artifacts" / "onnx" / "check.json").read_text())
+    assert check["fp32"]["max_abs_diff"] <= check["fp32"]["atol"] and check["texts"] == 12
+    executed_report(root / "reports" / "02a_onnx.ipynb")
 
 
 def test_exported_model_loads_without_this_project(project):
@@ -113,6 +125,10 @@ def test_exported_model_loads_without_this_project(project):
     out = predict(["a witty and moving film", "dull"], model_dir=model)
     assert [set(o) for o in out] == [{"label", "score", "probabilities"}] * 2
     assert all(abs(sum(o["probabilities"].values()) - 1) < 1e-5 for o in out)
+    assert {f.name for f in (model / "onnx").iterdir()} == {"model.onnx", "model.int8.onnx", "check.json"}
+    onnx_out = predict(["a witty and moving film", "dull"], model_dir=model, backend="onnx")
+    assert [o["label"] for o in onnx_out] == [o["label"] for o in predict(["a witty and moving film", "dull"],
+                                                                           model_dir=model, backend="torch")]
     executed_report(root / "reports" / "04_export.ipynb")
 
 
@@ -143,7 +159,7 @@ def test_params_changes_rerun_only_the_stages_that_read_them(project):
         write_params(root / "params.yaml", params)
         assert sorted(json.loads(dvc(root, "status", "--json").stdout)) == ["export", "train"]  # the card states train.*
         rerun = dvc(root, "repro")
-        assert ran(rerun.stdout) == ["train", "evaluate", "export"]
+        assert ran(rerun.stdout) == ["train", "onnx", "evaluate", "export"]
     finally:
         git(root, "checkout", "params.yaml")
         dvc(root, "repro")
@@ -155,6 +171,8 @@ def test_metrics_and_plots_show(project, tmp_path):
     files = next(iter(metrics.values()))["data"]
     assert any(f.endswith("summary.json") for f in files)
     assert any(f.endswith("dvclive/train/metrics.json") for f in files)
+    assert any(f.endswith("artifacts/onnx/check.json") for f in files)
+    assert "backends" in next(v for f, v in files.items() if f.endswith("eval/metrics.json"))["data"]
     dvc(root, "plots", "show", "-o", str(tmp_path / "plots"))
     html = (tmp_path / "plots" / "index.html").read_text()
     assert "Token lengths" in html and "loss" in html

@@ -1,0 +1,63 @@
+"""A fresh clone: run the smoke pipeline, `dvc push` to the default remote (a folder next to the project),
+`git clone`, `dvc pull`; then, with no training, the clone is up to date and answers predictions, and a
+forced rerun on the clone gives the same metrics (CPU runs are deterministic)."""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from helpers import FIXTURE_DATA, copy_repo, git, run, smoke_params, write_params
+
+pytestmark = pytest.mark.slow
+
+SENTENCES = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés ."]
+
+
+def dvc(root, *args):
+    return run([sys.executable, "-m", "dvc", *args], cwd=root)
+
+
+def predict(root):
+    out = run([str(Path(sys.executable).parent / "sentiment-nb"), "predict", *SENTENCES, "--model", "model"], cwd=root)
+    return json.loads(out.stdout)
+
+
+def metrics(root):
+    live = json.loads((root / "dvclive" / "train" / "metrics.json").read_text())
+    return json.loads((root / "eval" / "metrics.json").read_text()), live["best_validation"]
+
+
+def test_push_clone_pull_then_serve_and_reproduce(tmp_path, tiny_model_dir):
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # papermill, dvc
+    first = copy_repo(tmp_path / "first")
+    write_params(first / "params.yaml", smoke_params(FIXTURE_DATA, tiny_model_dir))
+    dvc(first, "repro")
+    git(first, "add", "-A")
+    git(first, "commit", "-qm", "smoke run")  # dvc.lock, metrics and plots go through git; the rest through DVC
+
+    start = time.perf_counter()
+    dvc(first, "push")
+    remote = tmp_path / "sentiment_nb-dvc-remote"  # the default remote: next to the project folder
+    assert remote.is_dir() and any(remote.rglob("*"))
+    git(tmp_path, "clone", "-q", str(first), "clone")
+    clone = tmp_path / "clone"
+    assert not (clone / "model").exists()
+    dvc(clone, "pull")
+    print(f"push + clone + pull: {time.perf_counter() - start:.1f} s")
+
+    # no training: everything the clone needs came from the remote
+    assert dvc(clone, "status").stdout.strip() == "Data and pipelines are up to date."
+    assert (clone / "artifacts" / "train" / "checkpoints" / "fingerprint.json").is_file()
+    assert (clone / "data" / "prepared").is_dir()
+    assert predict(clone) == predict(first)
+    for stage in ("01_data", "02_train", "02a_onnx", "03_evaluate", "04_export"):  # each report carries its reproducibility record
+        report = clone / "reports" / f"{stage}.ipynb"
+        text = json.dumps([c.get("outputs", []) for c in nbformat.read(report, as_version=4).cells])
+        assert "'packages'" in text and "'git'" in text and "'seeds'" in text, report.name
+
+    expected = metrics(first)
+    dvc(clone, "repro", "--force")
+    assert metrics(clone) == expected

@@ -1,0 +1,213 @@
+"""ONNX Runtime backends on the tiny model: export and agreement with torch, the exported folder, backend selection
+(`auto` and its accuracy limit), the error for missing ONNX files, and an ONNX replica that never imports torch."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import fixture_texts
+
+from sentiment_nb.config import load_params
+from sentiment_nb.onnx_export import FP32_ATOL, OnnxExportError, check_onnx, write_onnx
+from sentiment_nb.predict import (
+    ModelDirError,
+    OnnxPredictor,
+    Predictor,
+    load_predictor,
+    predict,
+    select_backend,
+)
+
+TEXTS = ["a gorgeous , witty , seductive movie that never lets up", "bad", "dull and far too long",
+         "the acting is superb and the story moves along at a good pace for two hours", "fun", "bad",
+         "a mess", "not bad at all , really"]
+METRICS = {"n": 100, "accuracy": 0.85, "f1": 0.85, "ece": 0.03,
+           "negative": {"precision": 0.85, "recall": 0.85}, "positive": {"precision": 0.85, "recall": 0.85}}
+
+
+def backends(torch=0.85, onnx=0.85, int8=0.845):
+    return {"torch": {"accuracy": torch, "f1": torch, "agreement": 1.0, "max_prob_diff": 0.0},
+            "onnx": {"accuracy": onnx, "f1": onnx, "agreement": 1.0, "max_prob_diff": 1e-6},
+            "onnx-int8": {"accuracy": int8, "f1": int8, "agreement": 0.98, "max_prob_diff": 0.05}}
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_model_dir, tmp_path_factory):
+    "The `onnx` stage's outputs for the tiny model: one real export, shared by the module."
+    out = tmp_path_factory.mktemp("onnx")
+    write_onnx(tiny_model_dir, out, fixture_texts(), batch_size=8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir, onnx_dir, tmp_path_factory):
+    "A project folder after `export`: model/ with weights, tokenizer, onnx/ and metrics with per-backend scores."
+    from sentiment_nb.export import write_export
+
+    root = tmp_path_factory.mktemp("project")
+    shutil.copytree(tiny_model_dir, root / "artifacts/train/best_model")
+    shutil.copytree(onnx_dir, root / "artifacts/onnx")
+    (root / "eval").mkdir()
+    (root / "eval/metrics.json").write_text(json.dumps({**METRICS, "backends": backends()}))
+    (root / "params.yaml").write_text("{}\n")
+    return write_export(load_params(root / "params.yaml"), onnx=True)
+
+
+def with_metrics(model_dir, tmp_path, scores):
+    "A copy of the exported `model_dir` whose metrics.json records `scores` per backend."
+    d = shutil.copytree(model_dir, tmp_path / "model")
+    (d / "metrics.json").write_text(json.dumps({**METRICS, "backends": scores}))
+    return d
+
+
+# --- export and agreement -------------------------------------------------------------------------------------------
+
+def test_export_writes_both_graphs_and_the_check(onnx_dir):
+    assert {f.name for f in onnx_dir.iterdir()} == {"model.onnx", "model.int8.onnx", "check.json"}
+    check = json.loads((onnx_dir / "check.json").read_text())
+    assert check["texts"] == len(fixture_texts())
+    assert check["fp32"]["max_abs_diff"] <= FP32_ATOL == check["fp32"]["atol"]
+    assert check["fp32"]["label_agreement"] == 1.0
+    assert 0 <= check["int8"]["label_agreement"] <= 1 and check["int8"]["max_abs_diff"] >= 0
+    assert 0 < check["int8"]["size_mb"] < check["fp32"]["size_mb"]
+
+
+def test_fp32_graph_matches_torch_for_any_batch_and_length(tiny_model_dir, onnx_dir):
+    ref = Predictor(tiny_model_dir, device="cpu").predict_logits(TEXTS)
+    onnx = OnnxPredictor(tiny_model_dir, "onnx", onnx_dir=onnx_dir)
+    for bs in (1, 3, len(TEXTS)):  # dynamic batch axis; each batch has its own padded length
+        np.testing.assert_allclose(onnx.predict_logits(TEXTS, batch_size=bs), ref, atol=FP32_ATOL)
+    long = ["word " * 500]  # truncated to the model's 128 positions, past the export example's length
+    np.testing.assert_allclose(onnx.predict_logits(long), Predictor(tiny_model_dir, device="cpu").predict_logits(long),
+                               atol=FP32_ATOL)
+    assert onnx.labels == ["negative", "positive"]
+
+
+def test_int8_graph_answers_in_the_same_shape(tiny_model_dir, onnx_dir):
+    res = OnnxPredictor(tiny_model_dir, "onnx-int8", onnx_dir=onnx_dir).predict(TEXTS)
+    assert len(res) == len(TEXTS) and all(set(r) == {"label", "score", "probabilities"} for r in res)
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in res)
+
+
+def test_check_fails_when_fp32_is_off(tiny_model_dir, onnx_dir):
+    with pytest.raises(OnnxExportError, match="differ from PyTorch's"):
+        check_onnx(tiny_model_dir, onnx_dir, TEXTS, atol=-1.0)
+
+
+def test_export_copies_the_graphs_into_the_model_folder(exported):
+    assert {f.name for f in (exported / "onnx").iterdir()} == {"model.onnx", "model.int8.onnx", "check.json"}
+    assert "backends" in json.loads((exported / "metrics.json").read_text())
+    card = (exported / "README.md").read_text()
+    assert "| `onnx-int8` | 0.8450 | 0.8450 | 0.9800 |" in card
+
+
+# --- choosing a backend ---------------------------------------------------------------------------------------------
+
+def test_auto_picks_the_fastest_backend_within_the_limit(exported, tmp_path):
+    assert select_backend(exported, "auto")[0] == "onnx-int8"  # 0.5 points below torch: at the limit
+    assert select_backend(with_metrics(exported, tmp_path, backends(int8=0.90)), "auto")[0] == "onnx-int8"
+
+
+def test_auto_refuses_a_backend_that_loses_too_much_accuracy(exported, tmp_path):
+    d = with_metrics(exported, tmp_path, backends(int8=0.84))  # 1 point below torch
+    backend, why = select_backend(d, "auto", max_accuracy_drop=0.5)
+    assert backend == "onnx" and "fastest" in why
+    assert select_backend(d, "auto", max_accuracy_drop=1.0)[0] == "onnx-int8"
+    (d / "metrics.json").write_text(json.dumps({**METRICS, "backends": backends(onnx=0.80, int8=0.80)}))
+    backend, why = select_backend(d, "auto")
+    assert backend == "torch" and "over the limit of 0.5" in why
+    assert select_backend(d, "onnx-int8")[0] == "onnx-int8"  # an explicit choice is taken as it is
+
+
+def test_auto_is_torch_without_recorded_scores_or_on_a_gpu(exported, tiny_model_dir):
+    assert select_backend(tiny_model_dir, "auto") == ("torch", f"{tiny_model_dir / 'metrics.json'} records no "
+                                                               "per-backend scores")
+    assert select_backend(exported, "auto", device="cuda")[0] == "torch"
+
+
+def test_auto_is_torch_where_onnxruntime_is_not_installed(exported, monkeypatch):
+    from sentiment_nb import predict as mod
+
+    monkeypatch.setattr(mod, "_has_onnxruntime", lambda: False)
+    backend, why = select_backend(exported, "auto")
+    assert backend == "torch" and "onnxruntime is not installed" in why
+
+
+def test_load_predictor_follows_the_choice(exported):
+    p = load_predictor(exported, "auto", batch_size=4)
+    assert isinstance(p, OnnxPredictor) and p.backend == "onnx-int8"
+    assert load_predictor(exported, "torch", device="cpu").backend == "torch"
+    with pytest.raises(ValueError, match="choose one of torch, onnx, onnx-int8, auto"):
+        load_predictor(exported, "tensorrt")
+
+
+@pytest.mark.parametrize("backend", ["onnx", "onnx-int8"])
+def test_missing_onnx_files_give_a_clear_error(tiny_model_dir, backend):
+    with pytest.raises(ModelDirError) as e:
+        predict(["fine"], model_dir=tiny_model_dir, backend=backend)
+    msg = str(e.value)
+    assert str(tiny_model_dir / "onnx") in msg and "has no ONNX export" in msg
+    assert "dvc repro" in msg and "`torch`" in msg
+
+
+def test_cli_predict_with_a_missing_onnx_backend_exits_2(capsys, tiny_model_dir):
+    from sentiment_nb.cli import main
+
+    assert main(["predict", "fine", "--model", str(tiny_model_dir), "--backend", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sentiment-nb: error: Backend 'onnx' needs") and err.count("\n") == 1
+
+
+def test_cli_predict_with_the_onnx_backend(capsys, exported):
+    from sentiment_nb.cli import main
+
+    assert main(["predict", *TEXTS[:2], "--model", str(exported), "--backend", "onnx"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = Predictor(exported, device="cpu").predict(TEXTS[:2])
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    assert [g["score"] for g in got] == pytest.approx([w["score"] for w in want], abs=1e-5)
+
+
+def test_onnx_replica_never_imports_torch(exported):
+    code = ("import json, sys\n"
+            "from sentiment_nb.predict import predict\n"
+            f"res = predict({TEXTS[:3]!r}, model_dir={str(exported)!r}, backend='onnx')\n"
+            "print(json.dumps({'torch': 'torch' in sys.modules, 'transformers': 'transformers' in sys.modules,"
+            " 'res': res}))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["torch"] is False and out["transformers"] is False
+    want = Predictor(exported, device="cpu").predict(TEXTS[:3])
+    assert [r["score"] for r in out["res"]] == pytest.approx([w["score"] for w in want], abs=1e-5)
+
+
+# --- serving settings -----------------------------------------------------------------------------------------------
+
+def test_serve_binds_the_resolved_backend_and_threads(smoke_params_file, exported):
+    from sentiment_nb.serve import build_app
+
+    app = build_app({"params": str(smoke_params_file), "model": str(exported), "backend": "auto",
+                     "num_cpus": 0.5})
+    model = app._bound_deployment.init_args[0]._bound_deployment
+    assert model.init_args[3:] == ("onnx-int8", 1)
+    app = build_app({"params": str(smoke_params_file), "model": str(exported), "backend": "onnx",
+                     "intra_op_threads": 2})
+    assert app._bound_deployment.init_args[0]._bound_deployment.init_args[3:] == ("onnx", 2)
+
+
+def test_serve_refuses_a_missing_onnx_backend_before_ray_starts(smoke_params_file, tiny_model_dir):
+    from sentiment_nb.serve import build_app
+
+    with pytest.raises(ModelDirError, match="has no ONNX export"):
+        build_app({"params": str(smoke_params_file), "model": str(tiny_model_dir), "backend": "onnx-int8"})
+
+
+def test_cli_serve_backend_option(smoke_params_file):
+    from sentiment_nb.cli import build_parser, serve_settings
+
+    s = serve_settings(build_parser().parse_args(["serve", "--params", str(smoke_params_file), "--backend", "onnx"]))
+    assert s.serve.backend == "onnx"
+    assert serve_settings(build_parser().parse_args(["serve", "--params", str(smoke_params_file)])).serve.backend == "auto"
