@@ -7,7 +7,8 @@ requests per second), the p50/p95/p99 latency of the answered requests, and the 
 
 - serve: `sentiment_nb.serve.start_server` (one model replica with --cpus CPUs, dynamic batching, length sorting).
 - baseline: this file's `_baseline` mode under uvicorn in a subprocess: the model loaded once, one forward pass per
-  request, no batching, torch limited to --cpus threads per pass.
+  request, no batching, a sync route run in FastAPI's thread pool, and torch's default thread count, as most projects
+  ship it. `--baseline-threads N` limits torch to N threads per pass, a tuned variant to compare with too.
 
     python bench/serve_load.py --model model --requests 400 --duration 30 --json bench/results.json
 
@@ -18,6 +19,7 @@ otherwise idle machine.
 import argparse
 import asyncio
 import json
+import math
 import os
 import socket
 import subprocess
@@ -68,7 +70,8 @@ def run_baseline(model_dir: str, port: int, threads: int) -> None:
     import torch
     import uvicorn
 
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     uvicorn.run(baseline_app(model_dir), host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -181,7 +184,12 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=400, help="at most this many requests per level")
     p.add_argument("--duration", type=float, default=30.0, help="at most this many seconds per level")
     p.add_argument("--warmup", type=int, default=20, help="requests sent before measuring each server")
-    p.add_argument("--cpus", type=int, default=1, help="CPUs of the Serve replica = torch threads of the baseline")
+    p.add_argument("--cpus", type=float, default=1, help="serve.num_cpus of each Serve replica (default: %(default)s)")
+    p.add_argument("--replicas", type=int, default=1, help="serve.num_replicas (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="serve.intra_op_threads of each replica (default: params.yaml; 0: one per reserved CPU)")
+    p.add_argument("--baseline-threads", type=int, default=0,
+                   help="torch threads per forward pass of the baseline (default 0: torch's default, as shipped)")
     p.add_argument("--max-batch-size", type=int, default=None, help="serve.max_batch_size (default: params.yaml)")
     p.add_argument("--only", choices=["serve", "baseline"], default=None, help="run one server only")
     p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8", "auto"], default=None,
@@ -192,7 +200,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args._baseline == "_baseline":  # the baseline server's own process
-        run_baseline(args.model, args.port, args.cpus)
+        run_baseline(args.model, args.port, args.baseline_threads)
         return 0
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -206,7 +214,7 @@ def main(argv=None) -> int:
         return 2
     sentences = read_sentences(Path(args.data))
     print(f"{len(sentences)} sentences from {args.data}; model {model}; levels {args.concurrency}; "
-          f"at most {args.requests} requests or {args.duration:.0f} s per level; {args.cpus} CPU(s) per server",
+          f"at most {args.requests} requests or {args.duration:.0f} s per level; {os.cpu_count()} CPUs on this machine",
           flush=True)
     rows = []
 
@@ -215,8 +223,10 @@ def main(argv=None) -> int:
         from sentiment_nb.serve import start_server, stop_server
 
         over = {"serve.model": str(model), "serve.host": "127.0.0.1", "serve.port": free_port(),
-                "serve.num_replicas": 1, "serve.autoscaling": False, "serve.num_cpus": args.cpus,
+                "serve.num_replicas": args.replicas, "serve.autoscaling": False, "serve.num_cpus": args.cpus,
                 "serve.max_queued_requests": -1}
+        if args.threads is not None:
+            over["serve.intra_op_threads"] = args.threads
         if args.max_batch_size:
             over["serve.max_batch_size"] = args.max_batch_size
         if args.backend:
@@ -226,8 +236,9 @@ def main(argv=None) -> int:
         if settings.serve.max_ongoing_requests <= max(args.concurrency):
             settings = load_params(REPO / "params.yaml", {**over, "serve.max_ongoing_requests": max(args.concurrency) + mbs})
         t0 = time.perf_counter()
-        url = start_server(settings, num_cpus=max(2, args.cpus + 1))
-        print(f"serve up at {url} in {time.perf_counter() - t0:.0f} s (max_batch_size {mbs})", flush=True)
+        url = start_server(settings, num_cpus=max(os.cpu_count() or 2, math.ceil(args.replicas * args.cpus + 1)))
+        print(f"serve up at {url} in {time.perf_counter() - t0:.0f} s: {args.replicas} replica(s) of {args.cpus} CPU, "
+              f"max_batch_size {mbs}, batch_wait_timeout_s {settings.serve.batch_wait_timeout_s}", flush=True)
         try:
             name = f"serve:{args.backend}" if args.backend else "serve"
             rows += bench(name, url, sentences, args.concurrency, args.requests, args.duration, args.warmup)
@@ -236,14 +247,17 @@ def main(argv=None) -> int:
 
     if args.only in (None, "baseline"):
         port = free_port()
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.cpus), "MKL_NUM_THREADS": str(args.cpus)}
+        env = dict(os.environ)
+        if args.baseline_threads:
+            env.update(OMP_NUM_THREADS=str(args.baseline_threads), MKL_NUM_THREADS=str(args.baseline_threads))
         proc = subprocess.Popen([sys.executable, __file__, "_baseline", "--model", str(model), "--port", str(port),
-                                 "--cpus", str(args.cpus)], env=env)
+                                 "--baseline-threads", str(args.baseline_threads)], env=env)
         try:
             url = f"http://127.0.0.1:{port}"
             wait_up(url, 180, proc)
             print(f"baseline up at {url}", flush=True)
-            rows += bench("baseline", url, sentences, args.concurrency, args.requests, args.duration, args.warmup)
+            name = f"baseline:{args.baseline_threads}t" if args.baseline_threads else "baseline"
+            rows += bench(name, url, sentences, args.concurrency, args.requests, args.duration, args.warmup)
         finally:
             proc.terminate()
             try:
@@ -254,7 +268,9 @@ def main(argv=None) -> int:
     print()
     print(table(rows))
     if args.json:
-        meta = {"model": str(model), "data": args.data, "cpus": args.cpus, "os_cpus": os.cpu_count(), "backend": args.backend,
+        meta = {"model": str(model), "data": args.data, "cpus": args.cpus, "replicas": args.replicas,
+                "threads": args.threads, "baseline_threads": args.baseline_threads, "os_cpus": os.cpu_count(),
+                "backend": args.backend,
                 "max_requests": args.requests, "max_seconds": args.duration}
         Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
         print(f"\nwrote {args.json}")

@@ -42,6 +42,30 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
     return out
 
 
+TEST_METRICS = {"n": 100, "accuracy": 0.85, "f1": 0.85, "ece": 0.03,
+                "negative": {"precision": 0.85, "recall": 0.85}, "positive": {"precision": 0.85, "recall": 0.85}}
+
+
+def backend_scores(torch=0.85, onnx=0.85, int8=0.845) -> dict:
+    "Per-backend test scores as the evaluate stage records them."
+    return {"torch": {"accuracy": torch, "f1": torch, "agreement": 1.0, "max_prob_diff": 0.0},
+            "onnx": {"accuracy": onnx, "f1": onnx, "agreement": 1.0, "max_prob_diff": 1e-6},
+            "onnx-int8": {"accuracy": int8, "f1": int8, "agreement": 0.98, "max_prob_diff": 0.05}}
+
+
+def export_with_onnx(model_dir: Path, onnx_dir: Path, root: Path) -> Path:
+    "The `export` stage's model/ in project folder `root`: `model_dir`'s weights, `onnx_dir`'s graphs, recorded scores."
+    from sentiment_nb.config import load_params
+    from sentiment_nb.export import write_export
+
+    shutil.copytree(model_dir, root / "artifacts/train/best_model")
+    shutil.copytree(onnx_dir, root / "artifacts/onnx")
+    (root / "eval").mkdir()
+    (root / "eval/metrics.json").write_text(json.dumps({**TEST_METRICS, "backends": backend_scores()}))
+    (root / "params.yaml").write_text("{}\n")
+    return write_export(load_params(root / "params.yaml"), onnx=True)
+
+
 def smoke_params(data_dir: Path, checkpoint: Path, **sections) -> dict:
     """A params file that runs the whole pipeline in seconds on the fixtures."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -7,9 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import fixture_texts
+from helpers import TEST_METRICS, backend_scores, export_with_onnx, fixture_texts
 
-from sentiment_nb.config import load_params
 from sentiment_nb.onnx_export import FP32_ATOL, OnnxExportError, check_onnx, write_onnx
 from sentiment_nb.predict import (
     ModelDirError,
@@ -23,16 +22,6 @@ from sentiment_nb.predict import (
 TEXTS = ["a gorgeous , witty , seductive movie that never lets up", "bad", "dull and far too long",
          "the acting is superb and the story moves along at a good pace for two hours", "fun", "bad",
          "a mess", "not bad at all , really"]
-METRICS = {"n": 100, "accuracy": 0.85, "f1": 0.85, "ece": 0.03,
-           "negative": {"precision": 0.85, "recall": 0.85}, "positive": {"precision": 0.85, "recall": 0.85}}
-
-
-def backends(torch=0.85, onnx=0.85, int8=0.845):
-    return {"torch": {"accuracy": torch, "f1": torch, "agreement": 1.0, "max_prob_diff": 0.0},
-            "onnx": {"accuracy": onnx, "f1": onnx, "agreement": 1.0, "max_prob_diff": 1e-6},
-            "onnx-int8": {"accuracy": int8, "f1": int8, "agreement": 0.98, "max_prob_diff": 0.05}}
-
-
 @pytest.fixture(scope="module")
 def onnx_dir(tiny_model_dir, tmp_path_factory):
     "The `onnx` stage's outputs for the tiny model: one real export, shared by the module."
@@ -44,21 +33,13 @@ def onnx_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(tiny_model_dir, onnx_dir, tmp_path_factory):
     "A project folder after `export`: model/ with weights, tokenizer, onnx/ and metrics with per-backend scores."
-    from sentiment_nb.export import write_export
-
-    root = tmp_path_factory.mktemp("project")
-    shutil.copytree(tiny_model_dir, root / "artifacts/train/best_model")
-    shutil.copytree(onnx_dir, root / "artifacts/onnx")
-    (root / "eval").mkdir()
-    (root / "eval/metrics.json").write_text(json.dumps({**METRICS, "backends": backends()}))
-    (root / "params.yaml").write_text("{}\n")
-    return write_export(load_params(root / "params.yaml"), onnx=True)
+    return export_with_onnx(tiny_model_dir, onnx_dir, tmp_path_factory.mktemp("project"))
 
 
 def with_metrics(model_dir, tmp_path, scores):
     "A copy of the exported `model_dir` whose metrics.json records `scores` per backend."
     d = shutil.copytree(model_dir, tmp_path / "model")
-    (d / "metrics.json").write_text(json.dumps({**METRICS, "backends": scores}))
+    (d / "metrics.json").write_text(json.dumps({**TEST_METRICS, "backends": scores}))
     return d
 
 
@@ -107,15 +88,15 @@ def test_export_copies_the_graphs_into_the_model_folder(exported):
 
 def test_auto_picks_the_fastest_backend_within_the_limit(exported, tmp_path):
     assert select_backend(exported, "auto")[0] == "onnx-int8"  # 0.5 points below torch: at the limit
-    assert select_backend(with_metrics(exported, tmp_path, backends(int8=0.90)), "auto")[0] == "onnx-int8"
+    assert select_backend(with_metrics(exported, tmp_path, backend_scores(int8=0.90)), "auto")[0] == "onnx-int8"
 
 
 def test_auto_refuses_a_backend_that_loses_too_much_accuracy(exported, tmp_path):
-    d = with_metrics(exported, tmp_path, backends(int8=0.84))  # 1 point below torch
+    d = with_metrics(exported, tmp_path, backend_scores(int8=0.84))  # 1 point below torch
     backend, why = select_backend(d, "auto", max_accuracy_drop=0.5)
     assert backend == "onnx" and "fastest" in why
     assert select_backend(d, "auto", max_accuracy_drop=1.0)[0] == "onnx-int8"
-    (d / "metrics.json").write_text(json.dumps({**METRICS, "backends": backends(onnx=0.80, int8=0.80)}))
+    (d / "metrics.json").write_text(json.dumps({**TEST_METRICS, "backends": backend_scores(onnx=0.80, int8=0.80)}))
     backend, why = select_backend(d, "auto")
     assert backend == "torch" and "over the limit of 0.5" in why
     assert select_backend(d, "onnx-int8")[0] == "onnx-int8"  # an explicit choice is taken as it is

@@ -10,11 +10,12 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-from helpers import FIXTURE_DATA, smoke_params, write_params
+from helpers import FIXTURE_DATA, export_with_onnx, fixture_texts, smoke_params, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +31,12 @@ LONG = "the plot is nothing but boilerplate clichés from start to finish , and 
 class Server:
     url: str
     ray_pids: dict  # pid -> process name, for every process under the test's raylet and gcs_server
+
+
+@dataclass
+class OnnxApp:
+    url: str
+    model: Path  # the model folder it serves
 
 
 def free_port() -> int:
@@ -200,6 +207,80 @@ def test_overload_gets_503_and_the_server_recovers(server):
     assert codes.count(503) > 0, "a burst of 96 requests did not overflow a queue of 2"
     assert codes.count(200) > 0
     assert post(server, {"text": TEXTS[0]}).status_code == 200  # no lasting harm
+
+
+def test_requests_are_logged_as_records_without_their_text(server):
+    from sentiment_nb.serve import log_dir, request_records
+
+    secret = "a never-seen sentence about a marvellous heist ."
+    assert post(server, {"texts": [secret, TEXTS[1]]}).status_code == 200
+    deadline, recs = time.monotonic() + 30, []
+    while time.monotonic() < deadline:
+        recs = [r for r in request_records(log_dir()) if r["n_texts"] == 2 and r["chars"] == len(secret) + len(TEXTS[1])]
+        if recs:
+            break
+        time.sleep(0.5)
+    assert recs, f"no request record for the 2-text request in {log_dir()}"
+    rec = recs[-1]
+    assert rec["status"] == 200 and rec["latency_ms"] > 0 and sum(rec["labels"].values()) == 2
+    assert rec["batch_texts"] >= 2 and rec["model_ms"] > 0
+    logged = "".join(p.read_text() for p in log_dir().glob("replica_*.log"))
+    assert secret not in logged  # serve.log_text is off: no raw text in the logs
+
+
+# --- an ONNX replica, as `serve.backend: auto` picks it -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def onnx_app(server, tiny_model_dir, tmp_path_factory):
+    "A second application on the same Serve instance, at /onnx: `auto` on a model folder with ONNX graphs and scores."
+    from ray import serve
+
+    from sentiment_nb.config import load_params
+    from sentiment_nb.onnx_export import write_onnx
+    from sentiment_nb.serve import build_app, wait_healthy
+
+    root = tmp_path_factory.mktemp("onnx_project")
+    write_onnx(tiny_model_dir, root / "onnx", fixture_texts(), batch_size=8)
+    model = export_with_onnx(tiny_model_dir, root / "onnx", root / "project")
+    params = write_params(root / "params.yaml", smoke_params(
+        FIXTURE_DATA, tiny_model_dir, serve={**SERVE, "model": str(model), "backend": "auto"}))
+    serve.run(build_app(load_params(params)), name="onnx", route_prefix="/onnx")
+    url = server.url + "/onnx"
+    try:
+        wait_healthy(url, 120)
+        yield OnnxApp(url, model)
+    finally:
+        serve.delete("onnx")
+
+
+def replica_maps_libtorch(app: str) -> bool:
+    "Whether the model replica of Serve application `app` has PyTorch's library loaded (found by its process title)."
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if f"ServeReplica:{app}:SentimentModel" in " ".join(proc.info["cmdline"] or []):
+            found.append(any("libtorch" in m.path for m in proc.memory_maps()))
+    assert len(found) == 1, f"expected one model replica of {app!r}, found {len(found)}"
+    return found[0]
+
+
+def test_onnx_replica_answers_like_the_int8_predictor(onnx_app):
+    from sentiment_nb.predict import load_predictor
+
+    health = httpx.get(onnx_app.url + "/healthz", timeout=30).json()
+    assert health["status"] == "ok" and health["backend"] == "onnx-int8"  # what `auto` picks with these scores
+    r = httpx.post(onnx_app.url + "/predict", json={"texts": TEXTS}, timeout=60)
+    assert r.status_code == 200, r.text
+    got = [p["probabilities"]["positive"] for p in r.json()["predictions"]]
+    # int8 quantizes activations per batch, so a sentence's score moves with its batch-mates (by ~1e-5 here):
+    # compare with the same batches as the replica's, of serve.max_batch_size sentences sorted by length
+    local = load_predictor(onnx_app.model, "onnx-int8", batch_size=SERVE["max_batch_size"], threads=1)
+    want = [p["probabilities"]["positive"] for p in local.predict(TEXTS)]
+    assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_onnx_replica_never_loads_torch_while_the_torch_one_does(onnx_app):
+    assert replica_maps_libtorch("onnx") is False
+    assert replica_maps_libtorch("sentiment") is True  # the check can tell
 
 
 def test_custom_metrics_reach_prometheus(server):
