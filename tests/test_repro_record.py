@@ -91,15 +91,15 @@ def test_samples_per_step_and_epoch():
 
 def test_where_a_run_happens_is_not_part_of_it(smoke_params_file):
     s = load_params(smoke_params_file)
-    there = load_params(smoke_params_file, ["train.ray_address=10.0.0.1:6379"])
+    there = load_params(smoke_params_file, ["train.ray_address=10.0.0.1:6379", "train.storage_path=s3://bucket/runs"])
     assert run_fingerprint(s, "d") == run_fingerprint(there, "d")  # a checkpoint resumes on another cluster
     assert run_fingerprint(s, "d") != run_fingerprint(load_params(smoke_params_file, ["train.num_workers=2"]), "d")
 
 
-def test_dvc_train_stage_tracks_every_train_setting_but_the_address():
+def test_dvc_train_stage_tracks_every_train_setting_but_where_it_runs():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
     tracked = {p.removeprefix("train.") for p in stage["params"] if isinstance(p, str) and p.startswith("train.")}
-    assert tracked == set(TrainParams.model_fields) - {"ray_address"}
+    assert tracked == set(TrainParams.model_fields) - {"ray_address", "storage_path"}
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert set(params["train"]) == set(TrainParams.model_fields)
 

@@ -1,6 +1,8 @@
 """Ray Train: `train.num_workers: 2` runs real DDP (gloo, on CPUs) on a local Ray or on an existing cluster,
-and leaves the same files as a single-process run."""
+and leaves the same files as a single-process run. The workers get no path of the project: their inputs and
+outputs travel through the run's storage (`train.storage_path`), as on a cluster of several machines."""
 import json
+import logging
 import os
 import signal
 import socket
@@ -13,11 +15,11 @@ from pathlib import Path
 import pytest
 from helpers import FIXTURE_DATA, smoke_params, write_params
 
-from sentiment_nb.config import load_params
-from sentiment_nb.data import load_splits, load_tokenizer, tokenize_splits
-from sentiment_nb.train import steps_per_epoch, train
-
-pytestmark = pytest.mark.slow
+import sentiment_nb.train as train_mod
+from sentiment_nb.config import Params, Settings, load_params
+from sentiment_nb.data import DataError, load_splits, load_tokenizer, tokenize_splits
+from sentiment_nb.train import (STAGE, fetch_inputs, run_storage, stage_inputs, steps_per_epoch, storage_warning, train,
+                                worker_config)
 
 N_TRAIN = 32  # sentences in the fixture's train split
 
@@ -36,11 +38,81 @@ def output_files(s) -> dict:
             for name in ("best_model", "train_live", "checkpoints")}
 
 
+@pytest.fixture
+def worker_configs(monkeypatch):
+    "Every `train_loop_config` that `train_on_ray` hands to Ray, as built by `worker_config`."
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(worker_config(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(train_mod, "worker_config", spy)
+    return seen
+
+
+def assert_no_project_path(config: dict, s) -> None:
+    "The workers' config names no path of the project (nor the project's params), only paths in their own folder."
+    text = json.dumps(config)
+    assert str(s.root) not in text and str(s.root.resolve()) not in text, text
+    assert str(s.model.checkpoint) not in text  # the local base model folder is staged, not named
+    ws = Settings(Params.model_validate(config["params"]), root=Path("/w"))
+    for name in ("prepared", "checkpoints", "best_model", "train_live"):
+        assert ws.path(name).is_relative_to("/w"), name
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, tiny_model_dir):
     "A single-process run: 1 worker, batch 8."
     s = prepared_settings(tmp_path_factory.mktemp("single"), tiny_model_dir, batch_size=8, num_workers=1)
     return s, train(s)
+
+
+def test_staged_inputs_reach_a_worker_folder_through_local_storage(tmp_path, tiny_model_dir):
+    "No Ray: stage into a local storage path, fetch into a worker folder, and read them there with the worker's settings."
+    import pyarrow.fs
+
+    from sentiment_nb.train import load_prepared
+
+    s = prepared_settings(tmp_path / "project", tiny_model_dir, num_workers=2, storage_path="../storage")
+    storage, temporary = run_storage(s)
+    assert (storage, temporary) == (str(tmp_path / "storage"), False)  # relative to the params file, made absolute
+    ckpts, live = s.path("checkpoints"), s.path("train_live")
+    for f in (ckpts / "checkpoint-2" / "trainer_state.json", ckpts / "checkpoint-4" / "trainer_state.json",
+              ckpts / "fingerprint.json", live / "metrics.json"):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("{}")
+    fs, base = pyarrow.fs.FileSystem.from_uri(storage)
+    resume = str(ckpts / "checkpoint-4")
+    assert stage_inputs(s, resume, fs, f"{base}/run/{STAGE}") == ["base_model", "checkpoints", "prepared", "train_live"]
+
+    work = tmp_path / "worker"
+    fetch_inputs(fs, f"{base}/run/{STAGE}", work)
+    config = worker_config(s, "cpu", ["base_model", "checkpoints", "prepared", "train_live"], resume, "w")
+    assert_no_project_path(config, s)
+    ws = Settings(Params.model_validate(config["params"]), root=work)
+    assert load_prepared(ws)["train"]._fingerprint == load_prepared(s)["train"]._fingerprint  # the same splits
+    assert Path(ws.local_or_hub(ws.model.checkpoint)) == work / "inputs" / "base_model"
+    assert load_tokenizer(ws.local_or_hub(ws.model.checkpoint)).get_vocab() == load_tokenizer(s.model.checkpoint).get_vocab()
+    assert sorted(p.name for p in ws.path("checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]  # no fingerprint
+    assert (work / config["resume_from"] / "trainer_state.json").is_file()
+    assert (ws.path("train_live") / "metrics.json").is_file()  # a resumed run continues its curves
+
+    # a fresh run stages only the data and the model; a Hub id is not staged (each worker downloads it)
+    assert stage_inputs(s, None, fs, f"{base}/fresh/{STAGE}") == ["base_model", "prepared"]
+    hub = load_params(s.source, ["model.checkpoint=distilbert-base-uncased"])
+    assert stage_inputs(hub, None, fs, f"{base}/hub/{STAGE}") == ["prepared"]
+    assert worker_config(hub, "cpu", ["prepared"])["params"]["model"]["checkpoint"] == "distilbert-base-uncased"
+    with pytest.raises(DataError, match="does not exist"):
+        stage_inputs(load_params(s.source, ["model.checkpoint=./no_such_model"]), None, fs, f"{base}/bad/{STAGE}")
+
+
+def test_storage_warning_for_a_cluster_without_shared_storage():
+    assert storage_warning(None, None) is None  # a local Ray is one machine
+    assert storage_warning("10.0.0.5:6379", "s3://bucket/runs") is None
+    assert storage_warning("10.0.0.5:6379", "gs://bucket/runs") is None
+    for local in (None, "/mnt/nfs/ray", "file:///mnt/nfs/ray"):
+        assert "needs storage that every node can reach" in storage_warning("10.0.0.5:6379", local), local
 
 
 def check_two_worker_run(s, summary, single):
@@ -62,15 +134,24 @@ def check_two_worker_run(s, summary, single):
     assert summary["ray"]["best_checkpoint_eval_accuracy"] == pytest.approx(summary["best_validation"]["accuracy"])
 
 
-def test_two_workers_on_a_local_ray(tmp_path, tiny_model_dir, single, monkeypatch):
+def storage_runs(storage: Path) -> list[str]:
+    return sorted(p.name for p in storage.iterdir() if p.name.startswith("sentiment-nb-train-")) if storage.exists() else []
+
+
+@pytest.mark.slow
+def test_two_workers_on_a_local_ray(tmp_path, tiny_model_dir, single, monkeypatch, worker_configs):
     import ray
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    s = prepared_settings(tmp_path, tiny_model_dir, batch_size=4, num_workers=2)
+    s = prepared_settings(tmp_path / "project", tiny_model_dir, batch_size=4, num_workers=2)
+    temp_before = set(Path(tempfile.gettempdir()).glob("sentiment-nb-ray-storage-*"))
     summary = train(s)
     check_two_worker_run(s, summary, single)
-    assert summary["ray"]["address"] == "local"
+    assert summary["ray"]["address"] == "local" and summary["ray"]["storage"] == "temporary"
     assert not ray.is_initialized()  # the local Ray it started is shut down
+    assert len(worker_configs) == 1
+    assert_no_project_path(worker_configs[0], s)
+    assert set(Path(tempfile.gettempdir()).glob("sentiment-nb-ray-storage-*")) == temp_before  # temp storage removed
 
 
 def free_port() -> int:
@@ -112,18 +193,26 @@ def stop_pids(marker: str, grace: float = 5) -> None:
 
 
 @pytest.fixture
-def ray_head():
-    "A Ray head on loopback, as `ray start --head` starts a cluster; stopped by its own PIDs (never `ray stop`)."
+def ray_head(tmp_path_factory):
+    """A Ray cluster on loopback, as `ray start` builds one: a head and a second node, 1 CPU each, so that the 2
+    training workers run on different nodes. The second node has its own address (127.0.0.2, also loopback) and its
+    own temporary folder (`TMPDIR`), like another machine with its own disk. Stopped by its own PIDs (never `ray stop`)."""
     temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray's socket paths live in it
     port = free_port()
     ports = ["--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
              "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port"]
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-           "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp_dir}",
-           *[f"{opt}={free_port()}" for opt in ports]]
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    head = [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+            "--include-dashboard=false", f"--temp-dir={temp_dir}", "--object-store-memory=100000000",
+            *[f"{opt}={free_port()}" for opt in ports]]
+    node = [ray_bin, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.2", "--num-cpus=1",
+            f"--temp-dir={temp_dir}", "--object-store-memory=100000000",
+            *[f"{opt}={free_port()}" for opt in ports if opt != "--ray-client-server-port"]]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        for cmd, tmp in ((head, os.environ["TMPDIR"]), (node, str(tmp_path_factory.mktemp("other-machine-tmp")))):
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**env, "TMPDIR": tmp})
+            assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         yield f"127.0.0.1:{port}", temp_dir
     finally:
         stop_pids(temp_dir)
@@ -132,16 +221,23 @@ def ray_head():
         subprocess.run(["rm", "-rf", temp_dir])
 
 
-def test_two_workers_on_an_existing_cluster(tmp_path, tiny_model_dir, single, ray_head, monkeypatch):
+@pytest.mark.slow
+def test_two_workers_on_an_existing_cluster(tmp_path, tiny_model_dir, single, ray_head, monkeypatch, worker_configs,
+                                            caplog):
     import ray
 
     address, _ = ray_head
     monkeypatch.setenv("RAY_ADDRESS", address)
-    s = prepared_settings(tmp_path, tiny_model_dir, batch_size=4, num_workers=2)
-    summary = train(s)
+    storage = tmp_path / "storage"  # stands for the shared storage (NFS, s3://) that a multi-node cluster needs
+    s = prepared_settings(tmp_path / "project", tiny_model_dir, batch_size=4, num_workers=2, storage_path=str(storage))
+    with caplog.at_level(logging.WARNING, logger="sentiment_nb.train"):
+        summary = train(s)
     check_two_worker_run(s, summary, single)
-    assert summary["ray"]["address"] == address
+    assert summary["ray"]["address"] == address and summary["ray"]["storage"] == str(storage)
     assert not ray.is_initialized()  # disconnected; the cluster itself keeps running
+    assert_no_project_path(worker_configs[0], s)
+    assert storage_runs(storage) == []  # the run's folder is gone once its outputs are in the project
+    assert any("needs storage that every node can reach" in r.getMessage() for r in caplog.records)  # a local folder
 
     # the run's job and its actors (the Train controller and the 2 workers) are in that cluster's records
     ray.init(address=address, log_to_driver=False)
@@ -150,6 +246,8 @@ def test_two_workers_on_an_existing_cluster(tmp_path, tiny_model_dir, single, ra
 
         names = [a.get("ActorClassName") or "" for a in actors().values()]
         assert sum("RayTrainWorker" in n for n in names) == 2, names
+        nodes = {a["Address"]["NodeID"] for a in actors().values() if "RayTrainWorker" in (a.get("ActorClassName") or "")}
+        assert len(nodes) == 2  # one worker per node: each fetched its own inputs into its own temporary folder
         assert any("TrainController" in n for n in names), names
         assert len(jobs()) >= 2  # the training run's driver, and this one
     finally:
