@@ -192,7 +192,8 @@ def main(argv=None) -> int:
                    help="torch threads per forward pass of the baseline (default 0: torch's default, as shipped)")
     p.add_argument("--max-batch-size", type=int, default=None, help="serve.max_batch_size (default: params.yaml)")
     p.add_argument("--only", choices=["serve", "baseline"], default=None, help="run one server only")
-    p.add_argument("--haproxy", action="store_true", help="Serve behind HAProxy (RAY_SERVE_ENABLE_HA_PROXY=1)")
+    p.add_argument("--haproxy", action="store_true",
+                   help="serve.haproxy: true (HAProxy in front, as `auto` does for a non-loopback host)")
     p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8", "auto"], default=None,
                    help="serve.backend of the Serve replica (default: params.yaml)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -228,6 +229,8 @@ def main(argv=None) -> int:
                 "serve.max_queued_requests": -1}
         if args.threads is not None:
             over["serve.intra_op_threads"] = args.threads
+        if args.haproxy:
+            over["serve.haproxy"] = True
         if args.max_batch_size:
             over["serve.max_batch_size"] = args.max_batch_size
         if args.backend:
@@ -236,8 +239,6 @@ def main(argv=None) -> int:
         mbs = settings.serve.max_batch_size
         if settings.serve.max_ongoing_requests <= max(args.concurrency):
             settings = load_params(REPO / "params.yaml", {**over, "serve.max_ongoing_requests": max(args.concurrency) + mbs})
-        if args.haproxy:
-            os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
         t0 = time.perf_counter()
         url = start_server(settings, num_cpus=max(os.cpu_count() or 2, math.ceil(args.replicas * args.cpus + 1)))
         print(f"serve up at {url} in {time.perf_counter() - t0:.0f} s: {args.replicas} replica(s) of {args.cpus} CPU, "

@@ -173,10 +173,10 @@ def test_serve_binds_the_resolved_backend_and_threads(smoke_params_file, exporte
     app = build_app({"params": str(smoke_params_file), "model": str(exported), "backend": "auto",
                      "num_cpus": 0.5})
     model = app._bound_deployment.init_args[0]._bound_deployment
-    assert model.init_args[3:] == ("onnx-int8", 1)
+    assert model.init_args[3:] == ("onnx-int8", 1, 8)
     app = build_app({"params": str(smoke_params_file), "model": str(exported), "backend": "onnx",
                      "intra_op_threads": 2})
-    assert app._bound_deployment.init_args[0]._bound_deployment.init_args[3:] == ("onnx", 2)
+    assert app._bound_deployment.init_args[0]._bound_deployment.init_args[3:] == ("onnx", 2, 8)
 
 
 def test_serve_refuses_a_missing_onnx_backend_before_ray_starts(smoke_params_file, tiny_model_dir):
