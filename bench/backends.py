@@ -105,8 +105,9 @@ def run_serve_load(args, backend: str) -> list[dict]:
         out = Path(tmp) / "serve.json"
         cmd = [sys.executable, str(REPO / "bench" / "serve_load.py"), "--only", "serve", "--backend", backend,
                "--model", args.model, "--data", args.data, "--requests", str(args.requests),
-               "--duration", str(args.duration), "--cpus", str(args.threads), "--json", str(out),
-               "--concurrency", *map(str, args.concurrency)]
+               "--duration", str(args.duration), "--cpus", str(args.cpus or args.threads), "--threads", str(args.threads),
+               "--replicas", str(args.replicas), "--json", str(out), "--concurrency", *map(str, args.concurrency)]
+        cmd += ["--haproxy"] if args.haproxy else []
         p = subprocess.run(cmd, text=True, timeout=args.timeout * 4)
         if p.returncode != 0 or not out.is_file():
             return [{"server": f"serve:{backend}", "error": f"serve_load exited {p.returncode}"}]
@@ -127,6 +128,9 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="levels of the serving load test")
     p.add_argument("--requests", type=int, default=400, help="serving: at most this many requests per level")
     p.add_argument("--duration", type=float, default=30.0, help="serving: at most this many seconds per level")
+    p.add_argument("--replicas", type=int, default=1, help="serving: model replicas (default: %(default)s)")
+    p.add_argument("--cpus", type=float, default=None, help="serving: serve.num_cpus per replica (default: --threads)")
+    p.add_argument("--haproxy", action="store_true", help="serving: HAProxy in front (serve.haproxy: true)")
     p.add_argument("--no-serve", action="store_true", help="skip part 2 (the Ray Serve load test)")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed per backend (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
