@@ -11,7 +11,7 @@ __all__ = ['logger', 'MAX_BUSY_WAIT_S', 'INGRESS_CPUS', 'INDEX_HTML', 'app', 'CP
            'resolve_settings', 'build_app', 'serve_config', 'write_serve_config', 'is_loopback', 'haproxy_available',
            'use_haproxy', 'wait_healthy', 'start_server', 'metrics_url', 'log_dir', 'request_records', 'stop_server']
 
-# %% ../nbs/05_serve.ipynb #3f232688
+# %% ../nbs/05_serve.ipynb #aff048b0
 import asyncio
 import json
 import logging
@@ -34,7 +34,7 @@ from .config import ServeParams, Settings, load_params
 
 logger = logging.getLogger("ray.serve")  # Ray Serve's logger: replica logs, request ids, JSON logging
 
-# %% ../nbs/05_serve.ipynb #f5bf9db1
+# %% ../nbs/05_serve.ipynb #b8522e9b
 class PredictRequest(BaseModel):
     "The body of `POST /predict`: one sentence in `text`, or a list of them in `texts`."
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
@@ -68,7 +68,7 @@ class ErrorResponse(BaseModel):
     error: str
     detail: str
 
-# %% ../nbs/05_serve.ipynb #b948e71b
+# %% ../nbs/05_serve.ipynb #bc6347c6
 class RequestError(ValueError):
     "A request that cannot be served: `status` is the HTTP status, `kind` a short error name."
 
@@ -94,7 +94,7 @@ def request_texts(req: PredictRequest, max_chars: int, max_texts: int) -> list[s
                                f"are allowed.")
     return texts
 
-# %% ../nbs/05_serve.ipynb #eff26e39
+# %% ../nbs/05_serve.ipynb #4aa0ff65
 def _where(loc) -> str:
     parts = [str(p) for p in loc if p != "body"]
     return "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in parts).lstrip(".") or "body"
@@ -117,7 +117,7 @@ def validation_error(errors: list[dict]) -> tuple[int, dict]:
               for e in errors]
     return 422, {"error": "invalid_request", "detail": "; ".join(lines), "errors": simple}
 
-# %% ../nbs/05_serve.ipynb #4815acf0
+# %% ../nbs/05_serve.ipynb #feb31e62
 def merge_batch(requests: list[list[str]]) -> tuple[list[str], list[int]]:
     "All the texts of `requests` in one list, sorted by length, and for each, its position in the flat input."
     flat = [t for texts in requests for t in texts]
@@ -138,7 +138,7 @@ def split_batch(results: list, order: list[int], requests: list[list[str]]) -> l
         start += len(texts)
     return out
 
-# %% ../nbs/05_serve.ipynb #fac999ca
+# %% ../nbs/05_serve.ipynb #41951493
 MAX_BUSY_WAIT_S = 0.5
 
 
@@ -158,7 +158,7 @@ class BatchPace:
         "The expected seconds for a batch of `n_texts`: 0 before any batch, at most `max_wait_s`."
         return 0.0 if self.per_text_s is None else min(self.max_wait_s, self.per_text_s * n_texts)
 
-# %% ../nbs/05_serve.ipynb #af589ca1
+# %% ../nbs/05_serve.ipynb #192a6b14
 def shape_response(req: PredictRequest, results: list[dict]) -> dict:
     "The JSON answer to `req`: one prediction for `text`, `{'predictions': [...]}` for `texts`."
     clean = [{"label": r["label"], "score": float(r["score"]),
@@ -177,7 +177,7 @@ def request_log(texts: list[str], results: list[dict], latency_ms: float, batch:
         rec["texts"] = texts
     return rec
 
-# %% ../nbs/05_serve.ipynb #3b94c20c
+# %% ../nbs/05_serve.ipynb #41281b1c
 INGRESS_CPUS = 0.1
 
 
@@ -196,9 +196,13 @@ def deployment_options(sp: ServeParams) -> tuple[dict, dict]:
               "max_queued_requests": sp.max_queued_requests}
     model = {**common, "ray_actor_options": {"num_cpus": sp.num_cpus, "num_gpus": sp.num_gpus}}
     ingress = {**common, "ray_actor_options": {"num_cpus": INGRESS_CPUS}}
+    if sp.ingress_replicas:
+        per_ingress = -(-sp.num_replicas // sp.ingress_replicas)  # model replicas behind each ingress replica
+        ingress = {"num_replicas": sp.ingress_replicas, "max_ongoing_requests": sp.max_ongoing_requests * per_ingress,
+                   "max_queued_requests": sp.max_queued_requests, "ray_actor_options": {"num_cpus": INGRESS_CPUS}}
     return model, ingress
 
-# %% ../nbs/05_serve.ipynb #650c8a8f
+# %% ../nbs/05_serve.ipynb #610328a0
 class CapacityError(ValueError):
     "The replicas asked for do not fit in the Ray cluster; the message says what to lower."
 
@@ -206,15 +210,15 @@ class CapacityError(ValueError):
 def check_capacity(sp: ServeParams, cpus: float, gpus: float = 0) -> None:
     "Raise `CapacityError` if the replicas of settings `sp` need more than `cpus` CPUs or `gpus` GPUs at start."
     n = 1 if sp.autoscaling else sp.num_replicas
-    need_cpu, need_gpu = n * (sp.num_cpus + INGRESS_CPUS), n * sp.num_gpus
+    need_cpu, need_gpu = n * sp.num_cpus + (sp.ingress_replicas or n) * INGRESS_CPUS, n * sp.num_gpus
     if need_cpu > cpus + 1e-9:
-        raise CapacityError(f"{n} replica(s) of {sp.num_cpus} CPU (+{INGRESS_CPUS} for the ingress) need {need_cpu:g} "
+        raise CapacityError(f"{n} replica(s) of {sp.num_cpus} CPU (+{INGRESS_CPUS} per ingress replica) need {need_cpu:g} "
                             f"CPUs; Ray has {cpus:g}. Lower serve.num_replicas (--replicas) or serve.num_cpus.")
     if need_gpu > gpus + 1e-9:
         raise CapacityError(f"{n} replica(s) of {sp.num_gpus} GPU need {need_gpu:g} GPUs; Ray has {gpus:g}. "
                             f"Set serve.num_gpus to 0 to serve on the CPU.")
 
-# %% ../nbs/05_serve.ipynb #459efe53
+# %% ../nbs/05_serve.ipynb #b2074837
 INDEX_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>sentiment_nb</title>
@@ -268,7 +272,7 @@ form.addEventListener("submit", async (ev) => {
 </body></html>
 """
 
-# %% ../nbs/05_serve.ipynb #d2077a71
+# %% ../nbs/05_serve.ipynb #f7f972f3
 _METRICS: dict[str, Any] = {}
 
 
@@ -286,7 +290,7 @@ def count(metric: str, tag: str, value: str, n: int = 1) -> None:
     except Exception:  # metrics must never break a request
         pass
 
-# %% ../nbs/05_serve.ipynb #775be9c7
+# %% ../nbs/05_serve.ipynb #cdd5c5c6
 app = FastAPI(title="sentiment_nb", version=__version__,
               description="Classify movie-review sentences as negative or positive. "
                           "`POST /predict` with `{\"text\": ...}` or `{\"texts\": [...]}`.")
@@ -310,7 +314,7 @@ def _rejected(status: int, kind: str, detail: str) -> None:
     count("errors", "error", kind)
     logger.info(json.dumps({"event": "rejected", "status": status, "error": kind, "detail": detail[:300]}))
 
-# %% ../nbs/05_serve.ipynb #dab56911
+# %% ../nbs/05_serve.ipynb #c693ea0d
 CPU_FORWARD_BATCH = 8
 
 
@@ -336,7 +340,7 @@ def resolve_backend(settings: Settings) -> tuple[str, str]:
     return select_backend(settings.resolve(sp.model), sp.backend, sp.max_accuracy_drop,
                           device="cuda" if sp.num_gpus > 0 else "cpu")
 
-# %% ../nbs/05_serve.ipynb #4bab336a
+# %% ../nbs/05_serve.ipynb #78ff52f5
 PROBE_TEXT = "a probe sentence to check that the model answers."
 
 
@@ -383,7 +387,7 @@ class SentimentModel:
         return {"labels": list(self.predictor.labels), "device": str(self.predictor.device),
                 "backend": self.predictor.backend, "probe": out["results"][0]["label"]}
 
-# %% ../nbs/05_serve.ipynb #68e96445
+# %% ../nbs/05_serve.ipynb #50b6edbf
 HEALTH_TIMEOUT_S = 10.0
 _ERRORS = {400: ErrorResponse, 413: ErrorResponse, 422: ErrorResponse, 503: ErrorResponse}
 
@@ -430,7 +434,7 @@ class SentimentAPI:
     async def index(self):
         return HTMLResponse(INDEX_HTML)
 
-# %% ../nbs/05_serve.ipynb #47ce7efc
+# %% ../nbs/05_serve.ipynb #6f3a3324
 def resolve_settings(args: Settings | dict | None = None) -> Settings:
     "`Settings` from `args`: `Settings` as they are, or a dict with an optional `params` file and `serve` overrides."
     if isinstance(args, Settings):
@@ -454,7 +458,7 @@ def build_app(args: Settings | dict | None = None):
                                                       backend, replica_threads(sp), forward_batch_size(sp))
     return SentimentAPI.options(**ingress_opts).bind(model, sp.max_chars, sp.max_texts, sp.log_text)
 
-# %% ../nbs/05_serve.ipynb #72a24051
+# %% ../nbs/05_serve.ipynb #d8f0ae12
 APP_NAME = "sentiment"
 
 
@@ -476,7 +480,7 @@ def write_serve_config(settings: Settings, path: str | os.PathLike = "serve_conf
     Path(path).write_text(header + yaml.safe_dump(serve_config(settings), sort_keys=False))
     return Path(path)
 
-# %% ../nbs/05_serve.ipynb #1d2d9125
+# %% ../nbs/05_serve.ipynb #85f23dce
 def is_loopback(host: str) -> bool:
     "Whether `host` names this machine's loopback interface only."
     import ipaddress
@@ -503,7 +507,7 @@ def use_haproxy(sp: ServeParams) -> bool:
         return not is_loopback(sp.host) and haproxy_available()
     return bool(sp.haproxy)
 
-# %% ../nbs/05_serve.ipynb #cec105c4
+# %% ../nbs/05_serve.ipynb #dece22fc
 def wait_healthy(url: str, timeout_s: float = 180.0, interval_s: float = 0.5) -> dict:
     "Poll `url`/healthz until it answers 200 (its JSON) or `timeout_s` passes (`TimeoutError`)."
     deadline, last = time.monotonic() + timeout_s, "no answer"

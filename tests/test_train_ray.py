@@ -18,8 +18,16 @@ from helpers import FIXTURE_DATA, smoke_params, write_params
 import sentiment_nb.train as train_mod
 from sentiment_nb.config import Params, Settings, load_params
 from sentiment_nb.data import DataError, load_splits, load_tokenizer, tokenize_splits
-from sentiment_nb.train import (STAGE, fetch_inputs, run_storage, stage_inputs, steps_per_epoch, storage_warning, train,
-                                worker_config)
+from sentiment_nb.train import (
+    STAGE,
+    fetch_inputs,
+    run_storage,
+    stage_inputs,
+    steps_per_epoch,
+    storage_warning,
+    train,
+    worker_config,
+)
 
 N_TRAIN = 32  # sentences in the fixture's train split
 

@@ -1,0 +1,32 @@
+"""The load benchmark still runs: its baseline server and its load generator, on the tiny model, a few requests.
+
+The figures mean nothing here; the test only keeps `bench/serve_load.py` from rotting between real runs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import FIXTURE_DATA
+
+pytestmark = pytest.mark.slow
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "serve_load.py"
+
+
+def test_serve_load_drives_the_baseline(tiny_model_dir, tmp_path):
+    out = tmp_path / "results.json"
+    p = subprocess.run([sys.executable, str(BENCH), "--only", "baseline", "--model", str(tiny_model_dir),
+                        "--data", str(FIXTURE_DATA / "test.jsonl"), "--concurrency", "1", "4", "--requests", "12",
+                        "--warmup", "2", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["server"], r["concurrency"]) for r in rows] == [("baseline", 1), ("baseline", 4)]
+    for r in rows:
+        assert r["ok"] == r["requests"] == 12 and not r["errors"], r
+        assert r["throughput_rps"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
+
+
+def test_serve_load_refuses_a_missing_model(tmp_path):
+    p = subprocess.run([sys.executable, str(BENCH), "--model", str(tmp_path / "nope")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "nope" in p.stderr
