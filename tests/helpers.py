@@ -13,6 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURE_DATA = REPO / "tests" / "fixtures" / "tiny_rt"
 
 
+# lengths from 1 to ~20 tokens, deliberately not sorted, with repeats: for order and batching checks
+MIXED_TEXTS = ["a gorgeous , witty , seductive movie that never lets up", "bad", "dull and far too long",
+               "the acting is superb and the story moves along at a good pace for two hours", "fun", "bad",
+               "a mess", "not bad at all , really"]
+
+
 def fixture_texts() -> list[str]:
     return [json.loads(line)["text"] for f in sorted(FIXTURE_DATA.glob("*.jsonl")) for line in f.open()]
 

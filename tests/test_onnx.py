@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import TEST_METRICS, backend_scores, export_with_onnx, fixture_texts
+from helpers import MIXED_TEXTS, TEST_METRICS, backend_scores, export_with_onnx, fixture_texts
 
 from sentiment_nb.onnx_export import FP32_ATOL, OnnxExportError, check_onnx, write_onnx
 from sentiment_nb.predict import (
@@ -19,9 +19,7 @@ from sentiment_nb.predict import (
     select_backend,
 )
 
-TEXTS = ["a gorgeous , witty , seductive movie that never lets up", "bad", "dull and far too long",
-         "the acting is superb and the story moves along at a good pace for two hours", "fun", "bad",
-         "a mess", "not bad at all , really"]
+TEXTS = MIXED_TEXTS
 @pytest.fixture(scope="module")
 def onnx_dir(tiny_model_dir, tmp_path_factory):
     "The `onnx` stage's outputs for the tiny model: one real export, shared by the module."

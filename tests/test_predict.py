@@ -6,13 +6,11 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import MIXED_TEXTS
 
 from sentiment_nb.predict import InputError, ModelDirError, Predictor, check_model_dir, check_texts, predict
 
-# lengths from 1 to ~20 tokens, deliberately not sorted, with repeats
-TEXTS = ["a gorgeous , witty , seductive movie that never lets up", "bad", "dull and far too long",
-         "the acting is superb and the story moves along at a good pace for two hours", "fun", "bad",
-         "a mess", "not bad at all , really"]
+TEXTS = MIXED_TEXTS
 
 
 @pytest.fixture(scope="module")
