@@ -166,15 +166,20 @@ def test_onnx_replica_never_imports_torch(exported):
 # --- serving settings -----------------------------------------------------------------------------------------------
 
 def test_serve_binds_the_resolved_backend_and_threads(smoke_params_file, exported):
-    from sentiment_nb.serve import build_app
+    from sentiment_nb.serve import build_app, ingress_grouping, resolve_settings
 
     app = build_app({"params": str(smoke_params_file), "model": str(exported), "backend": "auto",
                      "num_cpus": 0.5})
     model = app._bound_deployment.init_args[0]._bound_deployment
     assert model.init_args[3:] == ("onnx-int8", 1, 8)
-    app = build_app({"params": str(smoke_params_file), "model": str(exported), "backend": "onnx",
-                     "intra_op_threads": 2})
+    args = {"params": str(smoke_params_file), "model": str(exported), "backend": "onnx", "intra_op_threads": 2,
+            "num_replicas": 2, "ingress_replicas": 1}
+    app = build_app(dict(args))
     assert app._bound_deployment.init_args[0]._bound_deployment.init_args[3:] == ("onnx", 2, 8)
+    sp = resolve_settings(dict(args)).serve  # one ingress feeds two model replicas: half a batch per call
+    size = sp.max_batch_size // 2
+    assert app._bound_deployment.init_args[-3:] == (size, 2 * sp.max_ongoing_requests // size, sp.batch_wait_timeout_s)
+    assert ingress_grouping(sp) == (size, 2 * sp.max_ongoing_requests // size)
 
 
 def test_serve_refuses_a_missing_onnx_backend_before_ray_starts(smoke_params_file, tiny_model_dir):

@@ -20,7 +20,7 @@ from helpers import FIXTURE_DATA, export_with_onnx, fixture_texts, smoke_params,
 pytestmark = pytest.mark.slow
 
 SERVE = {"max_batch_size": 2, "max_ongoing_requests": 3, "max_queued_requests": 2, "max_chars": 200,
-         "max_texts": 8, "batch_wait_timeout_s": 0.01, "num_cpus": 0.5}
+         "max_texts": 8, "batch_wait_timeout_s": 0.2, "num_cpus": 0.5}
 # Three fixture sentences to which the (untrained) tiny model gives P(positive) about 2e-5 apart: enough to tell
 # them apart at a tolerance of 5e-6, far above float noise, so that the order checks can fail.
 TEXTS = ["an utterly forgettable thriller with a shallow script", "a funny and touching thriller .", "meh ."]
@@ -209,21 +209,52 @@ def test_overload_gets_503_and_the_server_recovers(server):
     assert post(server, {"text": TEXTS[0]}).status_code == 200  # no lasting harm
 
 
-def test_requests_are_logged_as_records_without_their_text(server):
+def test_requests_that_wait_together_share_one_call_to_the_model(server):
+    # A is alone: it goes straight to the model, whose idle window (batch_wait_timeout_s) keeps it in flight for a
+    # while. B and C come meanwhile: the ingress groups them (window batch_wait_timeout_s, at most max_batch_size = 2).
+    texts = {name: [f"{name * n} {t}" for t in TEXTS] for n, name in enumerate("ABC", 1)}  # told apart by length
+
+    def send(name):
+        if name != "A":
+            time.sleep(SERVE["batch_wait_timeout_s"] / 4)
+        return httpx.post(server.url + "/predict", json={"texts": texts[name]}, timeout=60)
+
+    with ThreadPoolExecutor(3) as pool:
+        answers = dict(zip("ABC", pool.map(send, "ABC"), strict=True))
+    assert {k: a.status_code for k, a in answers.items()} == dict.fromkeys("ABC", 200)
+    recs = {k: wait_records(lambda r, c=sum(map(len, t)): r["chars"] == c and r["n_texts"] == 3)
+            for k, t in texts.items()}
+    assert {k: [r["group_requests"] for r in rs] for k, rs in recs.items()} == {"A": [1], "B": [2], "C": [2]}
+    assert recs["B"][0]["batch_texts"] >= 6
+    for name in "ABC":  # each got its own results, in its own order
+        alone = post(server, {"texts": texts[name]}).json()["predictions"]
+        got = [p["probabilities"]["positive"] for p in answers[name].json()["predictions"]]
+        assert got == pytest.approx([p["probabilities"]["positive"] for p in alone], abs=5e-6)
+
+
+def wait_records(match, n: int = 1, timeout_s: float = 30) -> list[dict]:
+    "The request records that `match`, once there are `n` of them (the logs are written as requests end)."
     from sentiment_nb.serve import log_dir, request_records
+
+    deadline, recs = time.monotonic() + timeout_s, []
+    while time.monotonic() < deadline:
+        recs = [r for r in request_records(log_dir()) if match(r)]
+        if len(recs) >= n:
+            return recs
+        time.sleep(0.5)
+    raise AssertionError(f"{len(recs)} matching request records in {log_dir()} after {timeout_s} s, not {n}")
+
+
+def test_requests_are_logged_as_records_without_their_text(server):
+    from sentiment_nb.serve import log_dir
 
     secret = "a never-seen sentence about a marvellous heist ."
     assert post(server, {"texts": [secret, TEXTS[1]]}).status_code == 200
-    deadline, recs = time.monotonic() + 30, []
-    while time.monotonic() < deadline:
-        recs = [r for r in request_records(log_dir()) if r["n_texts"] == 2 and r["chars"] == len(secret) + len(TEXTS[1])]
-        if recs:
-            break
-        time.sleep(0.5)
-    assert recs, f"no request record for the 2-text request in {log_dir()}"
+    recs = wait_records(lambda r: r["n_texts"] == 2 and r["chars"] == len(secret) + len(TEXTS[1]))
     rec = recs[-1]
     assert rec["status"] == 200 and rec["latency_ms"] > 0 and sum(rec["labels"].values()) == 2
     assert rec["batch_texts"] >= 2 and rec["model_ms"] > 0
+    assert rec["group_requests"] == 1  # it found no call to the model in flight, so it went alone
     logged = "".join(p.read_text() for p in log_dir().glob("replica_*.log"))
     assert secret not in logged  # serve.log_text is off: no raw text in the logs
 
