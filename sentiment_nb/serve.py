@@ -356,7 +356,7 @@ def resolve_backend(settings: Settings) -> tuple[str, str]:
     return select_backend(settings.resolve(sp.model), sp.backend, sp.max_accuracy_drop,
                           device="cuda" if sp.num_gpus > 0 else "cpu")
 
-# %% ../nbs/05_serve.ipynb #ebe9472a
+# %% ../nbs/05_serve.ipynb #c98077f3
 PROBE_TEXT = "a probe sentence to check that the model answers."
 
 
@@ -366,15 +366,19 @@ class SentimentModel:
 
     def __init__(self, model_dir: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.0,
                  backend: str = "torch", threads: int = 1, forward_batch: int = CPU_FORWARD_BATCH):
+        from concurrent.futures import ThreadPoolExecutor
+
         from sentiment_nb.predict import load_predictor
 
         t0 = time.perf_counter()
-        self.predictor = load_predictor(model_dir, backend, device="auto" if backend == "torch" else "cpu",
-                                        batch_size=forward_batch, threads=threads)
+        self.forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self.predictor = self.forward_thread.submit(  # torch.set_num_threads holds for the thread that calls it
+            load_predictor, model_dir, backend, device="auto" if backend == "torch" else "cpu",
+            batch_size=forward_batch, threads=threads).result()
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_wait_timeout_s, self.pace = batch_wait_timeout_s, BatchPace(max_wait_s=MAX_BUSY_WAIT_S)
-        self.predictor.predict([PROBE_TEXT])  # fail here, at start-up, rather than on the first request
+        self.forward_thread.submit(self.predictor.predict, [PROBE_TEXT]).result()  # fail at start-up, not later
         logger.info(json.dumps({"event": "model_loaded", "model_dir": str(model_dir), "backend": self.predictor.backend,
                                 "threads": threads, "forward_batch": forward_batch, "device": str(self.predictor.device),
                                 "labels": self.predictor.labels, "load_s": round(time.perf_counter() - t0, 2)}))
@@ -386,7 +390,8 @@ class SentimentModel:
         self.predict_batch.set_batch_wait_timeout_s(max(self.batch_wait_timeout_s, self.pace.expected_s(len(texts))))
         t0 = time.perf_counter()
         try:
-            results = await asyncio.to_thread(self.predictor.predict, texts)
+            results = await asyncio.get_running_loop().run_in_executor(self.forward_thread, self.predictor.predict,
+                                                                       texts)
         finally:
             self.predict_batch.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
         model_s = time.perf_counter() - t0

@@ -188,3 +188,58 @@ def test_builder_binds_the_two_deployments(smoke_params_file, tiny_model_dir):
     model = ingress.init_args[0]._bound_deployment
     assert model.name == "SentimentModel" and model.ray_actor_options["num_cpus"] == 0.5
     assert ingress.init_args[0]._bound_deployment.init_args[0] == str(tiny_model_dir)
+
+
+# --- the model replica, without Ray ---------------------------------------------------------------------------------
+
+REPLICA_THREADS_SCRIPT = """
+import asyncio, json, sys, threading
+import torch
+from ray.serve import batching
+import sentiment_nb.predict as predict_mod
+from sentiment_nb.serve import SentimentModel
+
+seen, real_load = [], predict_mod.load_predictor
+
+def load(*args, **kwargs):
+    seen.append(["load", threading.get_ident(), None])
+    p = real_load(*args, **kwargs)
+    real_predict = p.predict
+    def predict(texts, *a, **k):
+        seen.append(["predict", threading.get_ident(), torch.get_num_threads()])
+        return real_predict(texts, *a, **k)
+    p.predict = predict
+    return p
+
+predict_mod.load_predictor = load
+# outside a replica, Serve's batch queue has no replica context to read max_ongoing_requests from, for a warning
+batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None
+replica = SentimentModel.func_or_class(sys.argv[1], max_batch_size=4, backend="torch", threads=2)
+
+async def requests():
+    return await asyncio.gather(replica.predict(["a fine film"]), replica.predict(["dull", "very dull"]),
+                                replica.health())
+
+one, two, health = asyncio.run(requests())
+print(json.dumps({"seen": seen, "forward": replica.forward_thread.submit(threading.get_ident).result(),
+                  "caller": threading.get_ident(), "sizes": [len(one["results"]), len(two["results"])],
+                  "probe": health["probe"]}))
+"""
+
+
+def test_a_replica_loads_and_runs_every_forward_pass_on_one_thread_of_its_own(tiny_model_dir):
+    # OpenMP keeps a worker pool per thread that starts parallel work: passes spread over a thread pool each bring one.
+    # Its own process: Serve's batch queue lives on the class, and once used, the class no longer pickles for Ray.
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", REPLICA_THREADS_SCRIPT, str(tiny_model_dir)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["sizes"] == [1, 2] and got["probe"] in ("negative", "positive")
+    kinds = [k for k, _, _ in got["seen"]]
+    assert kinds[0] == "load" and kinds.count("predict") >= 2  # the start-up probe, then one batch or more
+    assert {ident for _, ident, _ in got["seen"]} == {got["forward"]} != {got["caller"]}
+    assert {n for k, _, n in got["seen"] if k == "predict"} == {2}
