@@ -100,21 +100,26 @@ def table(rows: list[dict], cols: list[str]) -> str:
 
 # --- part 2: the server with each backend ---------------------------------------------------------------------------
 
+def serve_load_command(args, backend: str, out: Path) -> list[str]:
+    "The `serve_load.py` command line that loads the Serve app with `backend` and writes its results to `out`."
+    cmd = [sys.executable, str(REPO / "bench" / "serve_load.py"), "--only", "serve", "--backend", backend,
+           "--model", args.model, "--data", args.data, "--requests", str(args.requests),
+           "--duration", str(args.duration), "--cpus", str(args.cpus or args.threads), "--threads", str(args.threads),
+           "--replicas", str(args.replicas), "--ingress-replicas", str(args.ingress_replicas), "--json", str(out),
+           "--concurrency", *map(str, args.concurrency)]
+    return cmd + (["--haproxy"] if args.haproxy else [])
+
+
 def run_serve_load(args, backend: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "serve.json"
-        cmd = [sys.executable, str(REPO / "bench" / "serve_load.py"), "--only", "serve", "--backend", backend,
-               "--model", args.model, "--data", args.data, "--requests", str(args.requests),
-               "--duration", str(args.duration), "--cpus", str(args.cpus or args.threads), "--threads", str(args.threads),
-               "--replicas", str(args.replicas), "--json", str(out), "--concurrency", *map(str, args.concurrency)]
-        cmd += ["--haproxy"] if args.haproxy else []
-        p = subprocess.run(cmd, text=True, timeout=args.timeout * 4)
+        p = subprocess.run(serve_load_command(args, backend, out), text=True, timeout=args.timeout * 4)
         if p.returncode != 0 or not out.is_file():
             return [{"server": f"serve:{backend}", "error": f"serve_load exited {p.returncode}"}]
         return json.loads(out.read_text())["results"]
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("_measure", nargs="?", help=argparse.SUPPRESS)
     p.add_argument("--backend", default=None, help=argparse.SUPPRESS)
@@ -130,12 +135,17 @@ def main(argv=None) -> int:
     p.add_argument("--duration", type=float, default=30.0, help="serving: at most this many seconds per level")
     p.add_argument("--replicas", type=int, default=1, help="serving: model replicas (default: %(default)s)")
     p.add_argument("--cpus", type=float, default=None, help="serving: serve.num_cpus per replica (default: --threads)")
+    p.add_argument("--ingress-replicas", type=int, default=0,
+                   help="serving: HTTP ingress replicas (serve.ingress_replicas; default 0: as many as --replicas)")
     p.add_argument("--haproxy", action="store_true", help="serving: HAProxy in front (serve.haproxy: true)")
     p.add_argument("--no-serve", action="store_true", help="skip part 2 (the Ray Serve load test)")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed per backend (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args._measure == "_measure":
         print(json.dumps(measure(args)))
         return 0
@@ -164,7 +174,7 @@ def main(argv=None) -> int:
         for b in args.backends:
             serve_rows += run_serve_load(args, b)
         cols = ["server", "concurrency", "requests", "ok", "throughput_rps", "p50_ms", "p95_ms", "p99_ms", "errors", "error"]
-        print("\nRay Serve, one replica per backend\n" + table(serve_rows, [c for c in cols if any(c in r for r in serve_rows)]))
+        print(f"\nRay Serve, {args.replicas} replica(s) per backend\n" + table(serve_rows, [c for c in cols if any(c in r for r in serve_rows)]))
 
     if args.json:
         meta = {"model": args.model, "data": args.data, "threads": args.threads, "os_cpus": os.cpu_count()}

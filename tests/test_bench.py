@@ -30,3 +30,19 @@ def test_serve_load_refuses_a_missing_model(tmp_path):
     p = subprocess.run([sys.executable, str(BENCH), "--model", str(tmp_path / "nope")],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "nope" in p.stderr
+
+
+def test_backends_bench_passes_the_serving_layout_on_to_the_load_test(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("backends_bench", BENCH.parent / "backends.py")
+    backends = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(backends)
+    args = backends.parse_args(["--model", "m", "--replicas", "2", "--cpus", "0.5", "--ingress-replicas", "1",
+                                "--haproxy", "--concurrency", "1", "32"])
+    cmd = backends.serve_load_command(args, "onnx-int8", tmp_path / "out.json")
+    assert cmd[1] == str(BENCH)
+    pairs = dict(zip(cmd[2::1], cmd[3::1], strict=False))
+    assert {k: pairs[k] for k in ("--backend", "--replicas", "--cpus", "--ingress-replicas", "--model")} == {
+        "--backend": "onnx-int8", "--replicas": "2", "--cpus": "0.5", "--ingress-replicas": "1", "--model": "m"}
+    assert "--haproxy" in cmd and cmd[cmd.index("--concurrency") + 1:cmd.index("--concurrency") + 3] == ["1", "32"]
