@@ -42,7 +42,7 @@ def test_backends_bench_passes_the_serving_layout_on_to_the_load_test(tmp_path):
                                 "--haproxy", "--concurrency", "1", "32"])
     cmd = backends.serve_load_command(args, "onnx-int8", tmp_path / "out.json")
     assert cmd[1] == str(BENCH)
-    pairs = dict(zip(cmd[2::1], cmd[3::1], strict=False))
+    pairs = dict(zip(cmd, cmd[1:], strict=False))  # each flag with the value after it
     assert {k: pairs[k] for k in ("--backend", "--replicas", "--cpus", "--ingress-replicas", "--model")} == {
         "--backend": "onnx-int8", "--replicas": "2", "--cpus": "0.5", "--ingress-replicas": "1", "--model": "m"}
     assert "--haproxy" in cmd and cmd[cmd.index("--concurrency") + 1:cmd.index("--concurrency") + 3] == ["1", "32"]
