@@ -15,8 +15,8 @@ from .config import pick_device
 # %% auto #0
 __all__ = ['WEIGHTS_FILES', 'TOKENIZER_FILES', 'MODEL_DIR_HELP', 'BACKENDS', 'BACKEND_CHOICES', 'ONNX_FILES', 'ONNX_SUBDIR',
            'SPEED_ORDER', 'ModelDirError', 'InputError', 'check_model_dir', 'check_texts', 'softmax', 'BasePredictor',
-           'Predictor', 'onnx_file', 'OnnxPredictor', 'recorded_backends', 'select_backend', 'load_predictor',
-           'predict']
+           'Predictor', 'column_major_linears', 'onnx_file', 'OnnxPredictor', 'recorded_backends', 'select_backend',
+           'load_predictor', 'predict']
 
 # %% ../nbs/04a_predict.ipynb #a5a6d67d
 class ModelDirError(ValueError):
@@ -71,7 +71,7 @@ def check_texts(texts) -> list[str]:
             raise InputError(f"Text {i} is empty or only whitespace.")
     return list(texts)
 
-# %% ../nbs/04a_predict.ipynb #6d99620f
+# %% ../nbs/04a_predict.ipynb #a8667d4a
 def _pick_max_length(limits, requested: int | None) -> int:
     "Tokens kept per text: `requested`, else the smallest sensible value of `limits`, else 512."
     if requested is not None:
@@ -140,6 +140,8 @@ class Predictor(BasePredictor):
             raise ModelDirError(f"Could not load the model in {str(self.model_dir)!r} "
                                 f"({type(e).__name__}: {e}). {MODEL_DIR_HELP}") from e
         self.model = model.to(self.device).eval()
+        if self.device == "cpu":
+            column_major_linears(self.model)
         id2label = {int(k): v for k, v in model.config.id2label.items()}
         self.labels = [id2label[i] for i in range(model.config.num_labels)]
         self.max_length = _max_length(self.tokenizer, model.config, max_length)
@@ -163,6 +165,20 @@ class Predictor(BasePredictor):
                                      max_length=self.max_length, return_tensors="pt").to(self.device)
                 logits[idx] = self.model(**enc).logits.float().cpu().numpy()
         return logits
+
+# %% ../nbs/04a_predict.ipynb #ede8a922
+def column_major_linears(model) -> int:
+    "Store the weight of every `nn.Linear` in `model` column-major, in place; how many weights it changed."
+    import torch
+
+    changed = 0
+    with torch.no_grad():
+        for module in model.modules():
+            w = module.weight if isinstance(module, torch.nn.Linear) else None
+            if w is not None and w.dim() == 2 and w.is_contiguous():  # a shared weight is changed once
+                w.data = w.data.t().contiguous().t()
+                changed += 1
+    return changed
 
 # %% ../nbs/04a_predict.ipynb #6f82fe0f
 BACKENDS = ("torch", "onnx", "onnx-int8")

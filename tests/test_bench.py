@@ -46,3 +46,17 @@ def test_backends_bench_passes_the_serving_layout_on_to_the_load_test(tmp_path):
     assert {k: pairs[k] for k in ("--backend", "--replicas", "--cpus", "--ingress-replicas", "--model")} == {
         "--backend": "onnx-int8", "--replicas": "2", "--cpus": "0.5", "--ingress-replicas": "1", "--model": "m"}
     assert "--haproxy" in cmd and cmd[cmd.index("--concurrency") + 1:cmd.index("--concurrency") + 3] == ["1", "32"]
+
+
+def test_weight_layout_bench_times_both_layouts(tiny_model_dir, tmp_path):
+    out = tmp_path / "layout.json"
+    p = subprocess.run([sys.executable, str(BENCH.parent / "weight_layout.py"), "--model", str(tiny_model_dir),
+                        "--data", str(FIXTURE_DATA / "test.jsonl"), "--batch-sizes", "1", "4", "--passes", "6",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "largest difference between the two layouts' logits" in p.stdout
+    rows = json.loads(out.read_text())["results"]
+    assert [r["batch_size"] for r in rows] == [1, 4]
+    for r in rows:
+        assert r["row_major_ms"] > 0 and r["column_major_ms"] > 0
+        assert r["speedup"] == pytest.approx(r["row_major_ms"] / r["column_major_ms"], rel=1e-2)

@@ -68,6 +68,21 @@ def test_batch_size_does_not_change_results(predictor):
                                predictor.predict_proba(TEXTS, batch_size=len(TEXTS)), atol=1e-5)
 
 
+def test_a_cpu_predictor_stores_linear_weights_column_major_and_gives_the_same_logits(sharp_model_dir, predictor):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    linears = [m for m in predictor.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.t().is_contiguous() and not m.weight.is_contiguous() for m in linears)
+    plain = AutoModelForSequenceClassification.from_pretrained(sharp_model_dir).eval()
+    assert next(m for m in plain.modules() if isinstance(m, torch.nn.Linear)).weight.is_contiguous()
+    with torch.inference_mode():
+        for text in TEXTS:  # one at a time: no padding, so the two must agree to rounding
+            enc = predictor.tokenizer([text], return_tensors="pt")
+            np.testing.assert_allclose(predictor.predict_logits([text])[0], plain(**enc).logits[0].numpy(),
+                                       rtol=1e-4, atol=1e-4)
+
+
 def test_long_text_is_truncated(tiny_model_dir):
     p = Predictor(tiny_model_dir, device="cpu", max_length=8)
     assert p.predict_proba(["word " * 500]).shape == (1, 2)
