@@ -4,19 +4,21 @@
 
 # %% auto #0
 __all__ = ['logger', 'MAX_BUSY_WAIT_S', 'BATCH_FIELDS', 'INGRESS_CPUS', 'INDEX_HTML', 'app', 'CPU_FORWARD_BATCH', 'PROBE_TEXT',
-           'HEALTH_TIMEOUT_S', 'APP_NAME', 'PredictRequest', 'Prediction', 'BatchPrediction', 'ErrorResponse',
-           'RequestError', 'request_texts', 'validation_error', 'merge_batch', 'split_batch', 'BatchPace',
-           'shape_response', 'request_log', 'deployment_options', 'model_replicas_per_ingress', 'ingress_grouping',
-           'CapacityError', 'check_capacity', 'count', 'replica_threads', 'forward_batch_size', 'resolve_backend',
-           'SentimentModel', 'SentimentAPI', 'resolve_settings', 'build_app', 'serve_config', 'write_serve_config',
-           'is_loopback', 'haproxy_available', 'use_haproxy', 'wait_healthy', 'start_server', 'metrics_url', 'log_dir',
-           'request_records', 'stop_server']
+           'HEALTH_TIMEOUT_S', 'APP_NAME', 'HAPROXY_DEFAULT_PORTS', 'PredictRequest', 'Prediction', 'BatchPrediction',
+           'ErrorResponse', 'RequestError', 'request_texts', 'validation_error', 'merge_batch', 'split_batch',
+           'BatchPace', 'shape_response', 'request_log', 'deployment_options', 'model_replicas_per_ingress',
+           'ingress_grouping', 'CapacityError', 'check_capacity', 'count', 'replica_threads', 'forward_batch_size',
+           'resolve_backend', 'SentimentModel', 'SentimentAPI', 'resolve_settings', 'build_app', 'serve_config',
+           'write_serve_config', 'is_loopback', 'haproxy_available', 'use_haproxy', 'port_in_use', 'free_port',
+           'haproxy_env', 'wait_healthy', 'start_server', 'metrics_url', 'log_dir', 'request_records', 'stop_server']
 
-# %% ../nbs/05_serve.ipynb #aff048b0
+# %% ../nbs/05_serve.ipynb #fca1e5cc
 import asyncio
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -526,7 +528,7 @@ def write_serve_config(settings: Settings, path: str | os.PathLike = "serve_conf
     Path(path).write_text(header + yaml.safe_dump(serve_config(settings), sort_keys=False))
     return Path(path)
 
-# %% ../nbs/05_serve.ipynb #85f23dce
+# %% ../nbs/05_serve.ipynb #37b26056
 def is_loopback(host: str) -> bool:
     "Whether `host` names this machine's loopback interface only."
     import ipaddress
@@ -553,7 +555,43 @@ def use_haproxy(sp: ServeParams) -> bool:
         return not is_loopback(sp.host) and haproxy_available()
     return bool(sp.haproxy)
 
-# %% ../nbs/05_serve.ipynb #dece22fc
+
+HAPROXY_DEFAULT_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+
+
+def port_in_use(port: int) -> bool:
+    "Whether TCP `port` is taken on this host (HAProxy binds its ports on all interfaces)."
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port() -> int:
+    "A TCP port that nothing listens on now, chosen by the OS."
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
+def haproxy_env(run_dir: str | os.PathLike) -> dict[str, str]:
+    "Ray Serve's HAProxy settings for one server: its files in `run_dir`, Ray's default ports unless they are taken."
+    d = Path(run_dir)
+    env = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(d / "haproxy.cfg"),
+           "RAY_SERVE_HAPROXY_SOCKET_PATH": str(d / "admin.sock"),
+           "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(d),
+           "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(d / "server-state")}
+    for name, port in HAPROXY_DEFAULT_PORTS.items():
+        env[name] = str(free_port() if port_in_use(port) else port)
+    return env
+
+# %% ../nbs/05_serve.ipynb #1940e282
 def wait_healthy(url: str, timeout_s: float = 180.0, interval_s: float = 0.5) -> dict:
     "Poll `url`/healthz until it answers 200 (its JSON) or `timeout_s` passes (`TimeoutError`)."
     deadline, last = time.monotonic() + timeout_s, "no answer"
@@ -568,6 +606,9 @@ def wait_healthy(url: str, timeout_s: float = 180.0, interval_s: float = 0.5) ->
             last = str(e)
         time.sleep(interval_s)
     raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout_s:.0f} s (last: {last}).")
+
+
+_haproxy_dir: str | None = None  # this process's server's HAProxy files, removed by `stop_server`
 
 
 def start_server(settings: Settings, dashboard: bool = False, num_cpus: int | None = None,
@@ -585,6 +626,10 @@ def start_server(settings: Settings, dashboard: bool = False, num_cpus: int | No
     os.environ.setdefault("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1")
     if use_haproxy(settings.serve):  # see "The HTTP front" above
         os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+        global _haproxy_dir
+        _haproxy_dir = tempfile.mkdtemp(prefix="haproxy-serve-")
+        for name, value in haproxy_env(_haproxy_dir).items():
+            os.environ.setdefault(name, value)
     import ray
 
     app_ = build_app(settings)  # checks the model folder before Ray starts
@@ -646,3 +691,7 @@ def stop_server() -> None:
             serve.shutdown()
         finally:
             ray.shutdown()
+    global _haproxy_dir
+    if _haproxy_dir:
+        shutil.rmtree(_haproxy_dir, ignore_errors=True)
+        _haproxy_dir = None

@@ -243,3 +243,35 @@ def test_a_replica_loads_and_runs_every_forward_pass_on_one_thread_of_its_own(ti
     assert kinds[0] == "load" and kinds.count("predict") >= 2  # the start-up probe, then one batch or more
     assert {ident for _, ident, _ in got["seen"]} == {got["forward"]} != {got["caller"]}
     assert {n for k, _, n in got["seen"] if k == "predict"} == {2}
+
+
+def test_haproxy_env_gives_each_server_its_own_files_and_a_free_port_for_a_taken_default(tmp_path, monkeypatch):
+    import socket
+
+    import sentiment_nb.serve as serve_mod
+
+    with socket.socket() as holder:  # a port held by "another server"
+        holder.bind(("0.0.0.0", 0))
+        held = holder.getsockname()[1]
+        free = serve_mod.free_port()
+        monkeypatch.setitem(serve_mod.HAPROXY_DEFAULT_PORTS, "RAY_SERVE_HAPROXY_STATS_PORT", held)
+        monkeypatch.setitem(serve_mod.HAPROXY_DEFAULT_PORTS, "RAY_SERVE_HAPROXY_METRICS_PORT", free)
+        env = serve_mod.haproxy_env(tmp_path / "one")
+    stats, metrics = int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])
+    assert stats != held and metrics == free  # a free default is kept
+    assert {k: v for k, v in env.items() if not k.endswith("_PORT")} == {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(tmp_path / "one" / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(tmp_path / "one" / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(tmp_path / "one"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(tmp_path / "one" / "server-state")}
+
+
+def test_stop_server_removes_its_haproxy_folder(tmp_path, monkeypatch):
+    import sentiment_nb.serve as serve_mod
+
+    folder = tmp_path / "haproxy-serve-x"
+    folder.mkdir()
+    (folder / "haproxy.cfg").write_text("global\n")
+    monkeypatch.setattr(serve_mod, "_haproxy_dir", str(folder))
+    serve_mod.stop_server()
+    assert not folder.exists() and serve_mod._haproxy_dir is None
