@@ -528,7 +528,7 @@ def write_serve_config(settings: Settings, path: str | os.PathLike = "serve_conf
     Path(path).write_text(header + yaml.safe_dump(serve_config(settings), sort_keys=False))
     return Path(path)
 
-# %% ../nbs/05_serve.ipynb #37b26056
+# %% ../nbs/05_serve.ipynb #e2ddaa95
 def is_loopback(host: str) -> bool:
     "Whether `host` names this machine's loopback interface only."
     import ipaddress
@@ -586,12 +586,13 @@ def haproxy_env(run_dir: str | os.PathLike) -> dict[str, str]:
     env = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(d / "haproxy.cfg"),
            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(d / "admin.sock"),
            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(d),
-           "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(d / "server-state")}
+           "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(d / "server-state"),
+           "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(d / "metrics.sock")}
     for name, port in HAPROXY_DEFAULT_PORTS.items():
         env[name] = str(free_port() if port_in_use(port) else port)
     return env
 
-# %% ../nbs/05_serve.ipynb #1940e282
+# %% ../nbs/05_serve.ipynb #bb69e2eb
 def wait_healthy(url: str, timeout_s: float = 180.0, interval_s: float = 0.5) -> dict:
     "Poll `url`/healthz until it answers 200 (its JSON) or `timeout_s` passes (`TimeoutError`)."
     deadline, last = time.monotonic() + timeout_s, "no answer"
@@ -609,6 +610,7 @@ def wait_healthy(url: str, timeout_s: float = 180.0, interval_s: float = 0.5) ->
 
 
 _haproxy_dir: str | None = None  # this process's server's HAProxy files, removed by `stop_server`
+_haproxy_env: dict[str, str] = {}  # the HAProxy variables this process set: a later server here replaces them
 
 
 def start_server(settings: Settings, dashboard: bool = False, num_cpus: int | None = None,
@@ -629,7 +631,8 @@ def start_server(settings: Settings, dashboard: bool = False, num_cpus: int | No
         global _haproxy_dir
         _haproxy_dir = tempfile.mkdtemp(prefix="haproxy-serve-")
         for name, value in haproxy_env(_haproxy_dir).items():
-            os.environ.setdefault(name, value)
+            if os.environ.get(name) in (None, _haproxy_env.get(name)):  # unset, or set by an earlier server here
+                os.environ[name] = _haproxy_env[name] = value
     import ray
 
     app_ = build_app(settings)  # checks the model folder before Ray starts

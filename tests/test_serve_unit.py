@@ -263,7 +263,8 @@ def test_haproxy_env_gives_each_server_its_own_files_and_a_free_port_for_a_taken
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(tmp_path / "one" / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(tmp_path / "one" / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(tmp_path / "one"),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(tmp_path / "one" / "server-state")}
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(tmp_path / "one" / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(tmp_path / "one" / "metrics.sock")}
 
 
 def test_stop_server_removes_its_haproxy_folder(tmp_path, monkeypatch):
