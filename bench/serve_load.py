@@ -22,6 +22,7 @@ import json
 import math
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -170,13 +171,100 @@ def bench(name: str, url: str, sentences, levels, max_requests, max_seconds, war
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    cols = ["server", "concurrency", "requests", "ok", "throughput_rps", "p50_ms", "p95_ms", "p99_ms", "errors"]
-    cells = [[str(r[c]) if c != "errors" else (", ".join(f"{k}: {v}" for k, v in r[c].items()) or "0") for c in cols]
-             for r in rows]
+RESULT_COLUMNS = ["server", "concurrency", "requests", "ok", "throughput_rps", "p50_ms", "p95_ms", "p99_ms", "errors"]
+
+
+def table(rows: list[dict], cols: list[str] = RESULT_COLUMNS) -> str:
+    cells = [[str(r.get(c, "")) if c != "errors" else (", ".join(f"{k}: {v}" for k, v in r[c].items()) or "0")
+              for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
     line = lambda xs: "  ".join(x.rjust(w) for x, w in zip(xs, widths, strict=True))  # noqa: E731
     return "\n".join([line(cols), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def run_serve(args, model: Path, sentences: list[str]) -> list[dict]:
+    "Start the Ray Serve app on the loopback, load it at each level, stop it."
+    from sentiment_nb.config import load_params
+    from sentiment_nb.serve import start_server, stop_server
+
+    over = {"serve.model": str(model), "serve.host": "127.0.0.1", "serve.port": free_port(),
+            "serve.num_replicas": args.replicas, "serve.autoscaling": False, "serve.num_cpus": args.cpus,
+            "serve.max_queued_requests": -1}
+    if args.threads is not None:
+        over["serve.intra_op_threads"] = args.threads
+    if args.haproxy:
+        over["serve.haproxy"] = True
+    if args.ingress_replicas:
+        over["serve.ingress_replicas"] = args.ingress_replicas
+    if args.max_batch_size:
+        over["serve.max_batch_size"] = args.max_batch_size
+    if args.backend:
+        over["serve.backend"] = args.backend
+    settings = load_params(REPO / "params.yaml", over)
+    mbs = settings.serve.max_batch_size
+    if settings.serve.max_ongoing_requests <= max(args.concurrency):
+        settings = load_params(REPO / "params.yaml", {**over, "serve.max_ongoing_requests": max(args.concurrency) + mbs})
+    t0 = time.perf_counter()
+    url = start_server(settings, num_cpus=max(os.cpu_count() or 2, math.ceil(args.replicas * args.cpus + 1)))
+    print(f"serve up at {url} in {time.perf_counter() - t0:.0f} s: {args.replicas} replica(s) of {args.cpus} CPU, "
+          f"{args.ingress_replicas or args.replicas} ingress replica(s), "
+          f"max_batch_size {mbs}, batch_wait_timeout_s {settings.serve.batch_wait_timeout_s}", flush=True)
+    try:
+        name = f"serve:{args.backend}" if args.backend else "serve"
+        name += "+haproxy" if args.haproxy else ""
+        return bench(name, url, sentences, args.concurrency, args.requests, args.duration, args.warmup)
+    finally:
+        stop_server()
+
+
+def run_baseline_server(args, model: Path, sentences: list[str]) -> list[dict]:
+    "Start the baseline in a subprocess, load it at each level, stop it."
+    port = free_port()
+    env = dict(os.environ)
+    if args.baseline_threads:
+        env.update(OMP_NUM_THREADS=str(args.baseline_threads), MKL_NUM_THREADS=str(args.baseline_threads))
+    proc = subprocess.Popen([sys.executable, __file__, "_baseline", "--model", str(model), "--port", str(port),
+                             "--baseline-threads", str(args.baseline_threads)], env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_up(url, 180, proc)
+        print(f"baseline up at {url}", flush=True)
+        name = f"baseline:{args.baseline_threads}t" if args.baseline_threads else "baseline"
+        return bench(name, url, sentences, args.concurrency, args.requests, args.duration, args.warmup)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per server and level, the median over rounds of p50 and throughput; for Serve, its ratios to the baseline.
+
+    `p50_ratio` is Serve's median p50 over the baseline's (the c1 target is at most 1.5), `p50_ratios` the same
+    ratio round by round, and `throughput_ratio` Serve's median throughput over the baseline's (the c32 target
+    is at least 2)."""
+    med = lambda xs: round(statistics.median(xs), 2) if xs else None  # noqa: E731
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["server"], r["concurrency"]), []).append(r)
+    out = []
+    for (server, c), rs in groups.items():
+        out.append({"server": server, "concurrency": c, "rounds": len(rs),
+                    "p50_ms": med([r["p50_ms"] for r in rs if r["p50_ms"] is not None]),
+                    "throughput_rps": med([r["throughput_rps"] for r in rs])})
+    for s in out:
+        base = next((b for b in out if b["server"].startswith("baseline") and b["concurrency"] == s["concurrency"]),
+                    None)
+        if not s["server"].startswith("serve") or base is None or not base["p50_ms"] or not base["throughput_rps"]:
+            continue
+        pairs = [(a["p50_ms"], b["p50_ms"]) for a in groups[(s["server"], s["concurrency"])]
+                 for b in groups[(base["server"], s["concurrency"])] if a["round"] == b["round"] and b["p50_ms"]]
+        s.update(p50_ratio=round(s["p50_ms"] / base["p50_ms"], 2),
+                 p50_ratios=[round(a / b, 2) for a, b in pairs],
+                 throughput_ratio=round(s["throughput_rps"] / base["throughput_rps"], 2))
+    return out
 
 
 def main(argv=None) -> int:
@@ -201,10 +289,15 @@ def main(argv=None) -> int:
                    help="serve.haproxy: true (HAProxy in front, as `auto` does for a non-loopback host)")
     p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8", "auto"], default=None,
                    help="serve.backend of the Serve replica (default: params.yaml)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run both servers this many times, alternating which goes first, and report medians "
+                        "(default: %(default)s); this machine's speed drifts by tens of percent over minutes")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("_baseline", nargs="?", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
 
     if args._baseline == "_baseline":  # the baseline server's own process
         run_baseline(args.model, args.port, args.baseline_threads)
@@ -224,69 +317,33 @@ def main(argv=None) -> int:
           f"at most {args.requests} requests or {args.duration:.0f} s per level; {os.cpu_count()} CPUs on this machine",
           flush=True)
     rows = []
-
-    if args.only in (None, "serve"):
-        from sentiment_nb.config import load_params
-        from sentiment_nb.serve import start_server, stop_server
-
-        over = {"serve.model": str(model), "serve.host": "127.0.0.1", "serve.port": free_port(),
-                "serve.num_replicas": args.replicas, "serve.autoscaling": False, "serve.num_cpus": args.cpus,
-                "serve.max_queued_requests": -1}
-        if args.threads is not None:
-            over["serve.intra_op_threads"] = args.threads
-        if args.haproxy:
-            over["serve.haproxy"] = True
-        if args.ingress_replicas:
-            over["serve.ingress_replicas"] = args.ingress_replicas
-        if args.max_batch_size:
-            over["serve.max_batch_size"] = args.max_batch_size
-        if args.backend:
-            over["serve.backend"] = args.backend
-        settings = load_params(REPO / "params.yaml", over)
-        mbs = settings.serve.max_batch_size
-        if settings.serve.max_ongoing_requests <= max(args.concurrency):
-            settings = load_params(REPO / "params.yaml", {**over, "serve.max_ongoing_requests": max(args.concurrency) + mbs})
-        t0 = time.perf_counter()
-        url = start_server(settings, num_cpus=max(os.cpu_count() or 2, math.ceil(args.replicas * args.cpus + 1)))
-        print(f"serve up at {url} in {time.perf_counter() - t0:.0f} s: {args.replicas} replica(s) of {args.cpus} CPU, "
-              f"{args.ingress_replicas or args.replicas} ingress replica(s), "
-              f"max_batch_size {mbs}, batch_wait_timeout_s {settings.serve.batch_wait_timeout_s}", flush=True)
-        try:
-            name = f"serve:{args.backend}" if args.backend else "serve"
-            name += "+haproxy" if args.haproxy else ""
-            rows += bench(name, url, sentences, args.concurrency, args.requests, args.duration, args.warmup)
-        finally:
-            stop_server()
-
-    if args.only in (None, "baseline"):
-        port = free_port()
-        env = dict(os.environ)
-        if args.baseline_threads:
-            env.update(OMP_NUM_THREADS=str(args.baseline_threads), MKL_NUM_THREADS=str(args.baseline_threads))
-        proc = subprocess.Popen([sys.executable, __file__, "_baseline", "--model", str(model), "--port", str(port),
-                                 "--baseline-threads", str(args.baseline_threads)], env=env)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_up(url, 180, proc)
-            print(f"baseline up at {url}", flush=True)
-            name = f"baseline:{args.baseline_threads}t" if args.baseline_threads else "baseline"
-            rows += bench(name, url, sentences, args.concurrency, args.requests, args.duration, args.warmup)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    servers = [name for name in ("serve", "baseline") if args.only in (None, name)]
+    for r in range(args.rounds):
+        # Alternate which server goes first, so a machine that drifts over minutes weighs on both alike.
+        for name in servers if r % 2 == 0 else servers[::-1]:
+            if args.rounds > 1:
+                print(f"round {r + 1} of {args.rounds}: {name}", flush=True)
+            run = run_serve if name == "serve" else run_baseline_server
+            rows += [{**row, "round": r + 1} for row in run(args, model, sentences)]
 
     print()
-    print(table(rows))
+    print(table(rows, (["round"] if args.rounds > 1 else []) + RESULT_COLUMNS))
+    summary = summarize(rows)
+    if args.rounds > 1:
+        print(f"\nmedians over {args.rounds} rounds")
+        print(table(summary, ["server", "concurrency", "rounds", "throughput_rps", "p50_ms", "throughput_ratio",
+                              "p50_ratio"]))
+    for s in summary:
+        if "p50_ratio" in s:
+            print(f"{s['server']} / baseline at concurrency {s['concurrency']}: p50 {s['p50_ratio']}x "
+                  f"(by round: {s['p50_ratios']}), throughput {s['throughput_ratio']}x", flush=True)
     if args.json:
         meta = {"model": str(model), "data": args.data, "cpus": args.cpus, "replicas": args.replicas,
                 "ingress_replicas": args.ingress_replicas, "haproxy": args.haproxy,
                 "threads": args.threads, "baseline_threads": args.baseline_threads, "os_cpus": os.cpu_count(),
                 "backend": args.backend,
-                "max_requests": args.requests, "max_seconds": args.duration}
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+                "max_requests": args.requests, "max_seconds": args.duration, "rounds": args.rounds}
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows, "summary": summary}, indent=2) + "\n")
         print(f"\nwrote {args.json}")
     return 0
 

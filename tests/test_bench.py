@@ -26,6 +26,48 @@ def test_serve_load_drives_the_baseline(tiny_model_dir, tmp_path):
         assert r["throughput_rps"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
 
 
+def load_bench(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCH.parent / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_serve_load_runs_rounds_and_reports_their_medians(tiny_model_dir, tmp_path):
+    out = tmp_path / "results.json"
+    p = subprocess.run([sys.executable, str(BENCH), "--only", "baseline", "--model", str(tiny_model_dir),
+                        "--data", str(FIXTURE_DATA / "test.jsonl"), "--concurrency", "2", "--requests", "6",
+                        "--warmup", "1", "--rounds", "2", "--json", str(out)], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert [r["round"] for r in got["results"]] == [1, 2]
+    (summary,) = got["summary"]
+    assert summary["rounds"] == 2 and summary["p50_ms"] == pytest.approx(
+        sorted(r["p50_ms"] for r in got["results"])[0] / 2 + sorted(r["p50_ms"] for r in got["results"])[1] / 2)
+    assert "medians over 2 rounds" in p.stdout
+
+
+def test_summarize_takes_medians_over_rounds_and_pairs_ratios_by_round():
+    bench = load_bench("serve_load")
+    row = lambda server, rnd, p50, rps: {"server": server, "concurrency": 1, "round": rnd, "p50_ms": p50,  # noqa: E731
+                                         "throughput_rps": rps}
+    rows = [row("serve", 1, 30.0, 30.0), row("baseline", 1, 10.0, 90.0),
+            row("baseline", 2, 20.0, 50.0), row("serve", 2, 20.0, 50.0),
+            row("serve", 3, 24.0, 40.0), row("baseline", 3, 16.0, 60.0)]
+    serve, base = sorted(bench.summarize(rows), key=lambda s: s["server"], reverse=True)
+    assert (serve["p50_ms"], base["p50_ms"], serve["rounds"]) == (24.0, 16.0, 3)
+    assert serve["p50_ratio"] == 1.5 and serve["p50_ratios"] == [3.0, 1.0, 1.5]
+    assert serve["throughput_ratio"] == round(40 / 60, 2) and "p50_ratio" not in base
+
+
+def test_serve_load_refuses_zero_rounds(tmp_path):
+    p = subprocess.run([sys.executable, str(BENCH), "--rounds", "0"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--rounds" in p.stderr
+
+
 def test_serve_load_refuses_a_missing_model(tmp_path):
     p = subprocess.run([sys.executable, str(BENCH), "--model", str(tmp_path / "nope")],
                        capture_output=True, text=True, timeout=120)
@@ -33,11 +75,7 @@ def test_serve_load_refuses_a_missing_model(tmp_path):
 
 
 def test_backends_bench_passes_the_serving_layout_on_to_the_load_test(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("backends_bench", BENCH.parent / "backends.py")
-    backends = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(backends)
+    backends = load_bench("backends")
     args = backends.parse_args(["--model", "m", "--replicas", "2", "--cpus", "0.5", "--ingress-replicas", "1",
                                 "--haproxy", "--concurrency", "1", "32"])
     cmd = backends.serve_load_command(args, "onnx-int8", tmp_path / "out.json")
