@@ -115,6 +115,33 @@ def test_staged_inputs_reach_a_worker_folder_through_local_storage(tmp_path, tin
         stage_inputs(load_params(s.source, ["model.checkpoint=./no_such_model"]), None, fs, f"{base}/bad/{STAGE}")
 
 
+BROADCAST_WORKER = """
+import sys, torch, torch.distributed as dist
+from sentiment_nb.train import _best_model_sync
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method=sys.argv[2], rank=rank, world_size=2)
+torch.manual_seed(rank)  # each rank starts with different weights, as DDP ranks do after load_best_model_at_end
+model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+before = sum(float(t.sum()) for t in model.state_dict().values())
+_best_model_sync().on_train_end(None, None, None, model=model)
+after = sum(float(t.sum()) for t in model.state_dict().values())
+print(f"{before!r} {after!r}")
+dist.destroy_process_group()
+"""
+
+
+def test_best_model_sync_gives_every_rank_rank_zeros_weights(tmp_path):
+    store = f"file://{tmp_path / 'store'}"  # a file rendezvous, and gloo on the loopback: no port open beyond it
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
+    procs = [subprocess.Popen([sys.executable, "-c", BROADCAST_WORKER, str(rank), store], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    (before0, after0), (before1, after1) = (map(float, out.split()) for out, _ in outs)
+    assert before1 != before0  # the ranks really differed, so the check below can fail
+    assert after0 == before0 and after1 == before0
+
+
 def test_storage_warning_for_a_cluster_without_shared_storage():
     assert storage_warning(None, None) is None  # a local Ray is one machine
     assert storage_warning("10.0.0.5:6379", "s3://bucket/runs") is None
