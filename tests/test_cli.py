@@ -42,7 +42,7 @@ def test_predict_several_texts_prints_a_list_in_order(capsys, tiny_model_dir):
     _, out_rev, _ = run(capsys, "predict", *SENTENCES[::-1], "--model", str(tiny_model_dir))
     rev = json.loads(out_rev)[::-1]
     assert [p["label"] for p in rev] == [p["label"] for p in got]
-    for a, b in zip(rev, got):
+    for a, b in zip(rev, got, strict=True):
         assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
 
 
