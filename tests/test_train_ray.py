@@ -189,6 +189,69 @@ def test_two_workers_on_a_local_ray(tmp_path, tiny_model_dir, single, monkeypatc
     assert set(Path(tempfile.gettempdir()).glob("sentiment-nb-ray-storage-*")) == temp_before  # temp storage removed
 
 
+def descendants_named(prefix: str) -> list[int]:
+    "The processes under this one (Ray's raylet and its workers) whose command line starts with `prefix`."
+    parent, cmd = {}, {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmd[int(proc.name)] = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except (OSError, IndexError, ValueError):
+                pass
+    mine, found = {os.getpid()}, True
+    while found:
+        found = {pid for pid, ppid in parent.items() if ppid in mine and pid not in mine}
+        mine |= found
+    return sorted(pid for pid in mine if cmd.get(pid, "").startswith(prefix))
+
+
+@pytest.mark.slow
+def test_a_failed_two_worker_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    "A Ray Train worker dies mid-run: the run fails, its checkpoints come home, and the next run resumes from them."
+    import threading
+
+    from ray.train import TrainingFailedError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    storage = tmp_path / "storage"
+    s = prepared_settings(tmp_path / "project", tiny_model_dir, batch_size=4, num_workers=2, epochs=24,
+                          storage_path=str(storage))
+    total_steps = steps_per_epoch(N_TRAIN, s.train) * 24  # a checkpoint every quarter, and time to kill a worker
+    killed, done = [], threading.Event()
+
+    def kill_a_worker_after_the_first_checkpoint():
+        deadline = time.time() + 240
+        # Ray's record of the run's checkpoints: what a failed run's checkpoints are restored from
+        while not list(storage.glob("sentiment-nb-train-*/checkpoint_manager_snapshot.json")):
+            if time.time() > deadline or done.is_set():
+                return
+            time.sleep(0.2)
+        for pid in descendants_named("ray::RayTrainWorker")[:1]:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(TrainingFailedError):
+            train(s)
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "no Ray Train worker was found to kill"
+    restored = sorted(int(p.name.split("-")[1]) for p in s.path("checkpoints").glob("checkpoint-*"))
+    assert restored and restored[-1] < total_steps, restored  # it failed midway, with a checkpoint kept
+    assert not s.path("best_model").exists()
+
+    summary = train(s)
+    assert summary["resumed_from"] == f"checkpoint-{restored[-1]}"
+    assert summary["global_step"] == total_steps
+    assert (s.path("best_model") / "model.safetensors").is_file()
+    assert not list(s.path("checkpoints").glob("checkpoint-*"))  # the finished run leaves nothing to resume
+    assert not list(storage.glob("sentiment-nb-train-*"))  # both runs' folders were removed from the storage
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
