@@ -12,6 +12,9 @@ requests per second), the p50/p95/p99 latency of the answered requests, and the 
 
     python bench/serve_load.py --model model --requests 400 --duration 30 --json bench/results.json
 
+`--rounds N` starts each server N times, alternating which goes first, and adds the medians over the rounds and
+Serve's ratios to the baseline, round by round: on a shared machine one run of each cannot settle a ratio.
+
 It needs an exported model (`dvc repro`); the numbers mean something only for the fine-tuned model, and only on an
 otherwise idle machine.
 """
