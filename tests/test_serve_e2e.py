@@ -222,8 +222,8 @@ def test_requests_that_wait_together_share_one_call_to_the_model(server):
     with ThreadPoolExecutor(3) as pool:
         answers = dict(zip("ABC", pool.map(send, "ABC"), strict=True))
     assert {k: a.status_code for k, a in answers.items()} == dict.fromkeys("ABC", 200)
-    recs = {k: wait_records(lambda r, c=sum(map(len, t)): r["chars"] == c and r["n_texts"] == 3)
-            for k, t in texts.items()}
+    chars = {k: sum(map(len, t)) for k, t in texts.items()}
+    recs = {k: wait_records(lambda r, c=c: r["chars"] == c and r["n_texts"] == 3) for k, c in chars.items()}
     assert {k: [r["group_requests"] for r in rs] for k, rs in recs.items()} == {"A": [1], "B": [2], "C": [2]}
     assert recs["B"][0]["batch_texts"] >= 6
     for name in "ABC":  # each got its own results, in its own order
