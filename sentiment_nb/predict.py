@@ -71,7 +71,7 @@ def check_texts(texts) -> list[str]:
             raise InputError(f"Text {i} is empty or only whitespace.")
     return list(texts)
 
-# %% ../nbs/04a_predict.ipynb #a8667d4a
+# %% ../nbs/04a_predict.ipynb #8d6f3120
 def _pick_max_length(limits, requested: int | None) -> int:
     "Tokens kept per text: `requested`, else the smallest sensible value of `limits`, else 512."
     if requested is not None:
@@ -101,6 +101,13 @@ class BasePredictor:
 
     def predict_logits(self, texts, batch_size: int | None = None) -> np.ndarray:
         raise NotImplementedError
+
+    def _batch_size(self, batch_size: int | None) -> int:
+        "Texts per forward pass for one call: `batch_size`, else the predictor's own."
+        bs = self.batch_size if batch_size is None else batch_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+            raise ValueError(f"batch_size must be a whole number of at least 1, not {bs!r}.")
+        return bs
 
     def predict_proba(self, texts, batch_size: int | None = None) -> np.ndarray:
         "Class probabilities of `texts`, shape (n, number of labels), in input order."
@@ -154,7 +161,7 @@ class Predictor(BasePredictor):
         "The model's logits for `texts`, shape (n, number of labels), in input order."
         torch = self._torch
         texts = check_texts(texts)
-        bs = batch_size or self.batch_size
+        bs = self._batch_size(batch_size)
         lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]]
         order = np.argsort(lengths, kind="stable")
         logits = np.empty((len(texts), len(self.labels)), dtype=np.float32)
@@ -180,7 +187,7 @@ def column_major_linears(model) -> int:
                 changed += 1
     return changed
 
-# %% ../nbs/04a_predict.ipynb #6f82fe0f
+# %% ../nbs/04a_predict.ipynb #201c1db5
 BACKENDS = ("torch", "onnx", "onnx-int8")
 BACKEND_CHOICES = (*BACKENDS, "auto")
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
@@ -266,7 +273,7 @@ class OnnxPredictor(BasePredictor):
     def predict_logits(self, texts, batch_size: int | None = None) -> np.ndarray:
         "The model's logits for `texts`, shape (n, number of labels), in input order."
         texts = check_texts(texts)
-        bs = batch_size or self.batch_size
+        bs = self._batch_size(batch_size)
         encodings = self.tokenizer.encode_batch(texts)
         order = np.argsort([len(e.ids) for e in encodings], kind="stable")
         logits = np.empty((len(texts), len(self.labels)), dtype=np.float32)
