@@ -15,11 +15,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # %% auto #0
-__all__ = ['PARAMS_ENV', 'RECORDED_PACKAGES', 'DataParams', 'ModelParams', 'TrainParams', 'EvaluateParams', 'ServeParams',
-           'PathsParams', 'Params', 'ParamsError', 'find_params_file', 'parse_override', 'Settings', 'load_params',
-           'seed_everything', 'pick_device', 'hub_unreachable', 'git_revision', 'environment_info']
+__all__ = ['LRScheduler', 'RUN_LOCATION_KEYS', 'PARAMS_ENV', 'RECORDED_PACKAGES', 'DataParams', 'ModelParams', 'TrainParams',
+           'EvaluateParams', 'ServeParams', 'PathsParams', 'Params', 'ParamsError', 'find_params_file',
+           'parse_override', 'Settings', 'load_params', 'seed_everything', 'pick_device', 'hub_unreachable',
+           'git_revision', 'environment_info']
 
-# %% ../nbs/00_config.ipynb #e3a3e8d4
+# %% ../nbs/00_config.ipynb #95ac18b6
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -37,6 +38,11 @@ class ModelParams(_Section):
     checkpoint: str = "distilbert-base-uncased"  # Hub id or local folder
 
 
+# transformers' schedulers that need no `lr_scheduler_kwargs` (a test keeps the list in step with its SchedulerType)
+LRScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                      "inverse_sqrt"]
+
+
 class TrainParams(_Section):
     "Hyperparameters of the fine-tuning run."
     learning_rate: float = Field(5e-5, gt=0)
@@ -46,7 +52,7 @@ class TrainParams(_Section):
     max_steps: int = -1  # -1 = run `epochs` epochs
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    lr_scheduler: str = "linear"
+    lr_scheduler: LRScheduler = "linear"
     gradient_accumulation_steps: int = Field(1, ge=1)
     seed: int = 42
     group_by_length: bool = True  # batches of similar length: less padding, faster on CPU
@@ -58,6 +64,10 @@ class TrainParams(_Section):
     use_gpu: Literal["auto"] | bool = "auto"  # auto: a GPU per worker when there are enough of them
     ray_address: str | None = None  # an existing Ray cluster (else $RAY_ADDRESS, else a local Ray)
     storage_path: str | None = None  # Ray Train storage (s3://, gs://, shared NFS) for a multi-node cluster; None: a temp dir
+
+
+# Where a training run happens, not what it computes: left out of its fingerprint, the DVC deps and the model card.
+RUN_LOCATION_KEYS = frozenset({"ray_address", "storage_path"})
 
 
 class EvaluateParams(_Section):

@@ -1,8 +1,9 @@
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
-from sentiment_nb.config import PARAMS_ENV, ParamsError, find_params_file, load_params
+from sentiment_nb.config import PARAMS_ENV, LRScheduler, ParamsError, find_params_file, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,6 +20,7 @@ def test_committed_params_file_is_valid():
     ("trian:\n  epochs: 1\n", "unknown key `trian`. Did you mean `train`?"),
     ("train:\n  batch_size: many\n", "`train.batch_size` = 'many'"),
     ("train:\n  precision: int4\n", "`train.precision` = 'int4'"),
+    ("train:\n  lr_scheduler: cosin\n", "`train.lr_scheduler` = 'cosin': Input should be 'linear', 'cosine'"),
     ("data:\n  max_length: -3\n", "`data.max_length` = -3"),
     ("- a\n- list\n", "must hold a mapping of sections"),
     ("train: [unclosed\n", "is not valid YAML"),
@@ -30,6 +32,24 @@ def test_bad_params_name_the_key(tmp_path, body, expected):
         load_params(f)
     assert expected in str(e.value)
     assert str(f) in str(e.value)
+
+
+def test_every_allowed_lr_scheduler_is_one_of_transformers_schedulers():
+    from transformers.trainer_utils import SchedulerType
+
+    assert set(get_args(LRScheduler)) <= {s.value for s in SchedulerType}
+
+
+@pytest.mark.parametrize("name", get_args(LRScheduler))
+def test_every_allowed_lr_scheduler_needs_no_kwargs(name):
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
 
 
 def test_overrides_use_dvc_syntax_and_are_validated(tmp_path):
