@@ -17,7 +17,7 @@ from .config import Settings, hub_unreachable
 # %% auto #0
 __all__ = ['SPLITS', 'LABEL_NAMES', 'SUFFIXES', 'FEATURES', 'OFFLINE_HELP', 'CHECKPOINT_HELP', 'DataError', 'find_split_files',
            'read_split_file', 'validate_split', 'load_local_splits', 'load_hub_splits', 'load_splits', 'data_report',
-           'sample_splits', 'load_tokenizer', 'tokenize_splits', 'token_summary', 'token_histogram']
+           'sample_splits', 'load_tokenizer', 'check_max_length', 'tokenize_splits', 'token_summary', 'token_histogram']
 
 # %% ../nbs/01_data.ipynb #6f109b17
 SPLITS = ("train", "validation", "test")
@@ -47,7 +47,7 @@ def find_split_files(folder: str | Path) -> dict[str, Path]:
         files[split] = found[0]
     return files
 
-# %% ../nbs/01_data.ipynb #7ac40f72
+# %% ../nbs/01_data.ipynb #867c4d8f
 def _read_jsonl(path: Path) -> pd.DataFrame:
     rows, where = [], []
     with open(path, encoding="utf-8") as f:
@@ -69,13 +69,25 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     return df
 
 
+def _number_or_text(cell: str):
+    "A CSV cell as the number it spells (`1`, `0.0`), else as written: one bad label must not turn the column to text."
+    for kind in (int, float):
+        try:
+            return kind(cell)
+        except ValueError:
+            pass
+    return cell
+
+
 def read_split_file(path: str | Path) -> pd.DataFrame:
     "Read a `.jsonl`, `.csv` or `.parquet` split, with a `where` column locating each row."
     path = Path(path)
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
     if path.suffix == ".csv":
-        df = pd.read_csv(path, keep_default_na=False, dtype={"text": object})
+        df = pd.read_csv(path, keep_default_na=False, dtype={"text": object, "label": str})
+        if "label" in df.columns:
+            df["label"] = pd.Series([_number_or_text(v) for v in df["label"]], index=df.index, dtype=object)
         df["where"] = [f"line {i + 2}" for i in range(len(df))]  # line 1 is the header
     elif path.suffix == ".parquet":
         df = pd.read_parquet(path)
@@ -177,7 +189,7 @@ def sample_splits(dsd: DatasetDict, limit: int | None, seed: int = 42) -> Datase
         return dsd
     return DatasetDict({s: d.shuffle(seed=seed).select(range(min(limit, len(d)))) for s, d in dsd.items()})
 
-# %% ../nbs/01_data.ipynb #9d83805e
+# %% ../nbs/01_data.ipynb #a5f53295
 CHECKPOINT_HELP = ("To run offline, set `model.checkpoint` to a local model folder (one saved with "
                    "`save_pretrained`), for example:\n  dvc exp run -S model.checkpoint=/path/to/model")
 
@@ -197,8 +209,21 @@ def load_tokenizer(checkpoint: str):
         raise DataError(f"Could not load a tokenizer from {checkpoint!r} ({type(e).__name__}: {e}).") from None
 
 
+def check_max_length(max_length: int, tokenizer, model_config=None) -> int:
+    "`max_length`, unless it is more tokens than `tokenizer` (or the model of `model_config`) can take."
+    limits = {"tokenizer": getattr(tokenizer, "model_max_length", None),
+              "model": getattr(model_config, "max_position_embeddings", None)}
+    for what, limit in limits.items():
+        if isinstance(limit, int) and 0 < limit < 100_000 and max_length > limit:  # unset tokenizers say 1e30
+            raise DataError(f"`data.max_length` is {max_length}, but the {what} of {tokenizer.name_or_path!r} takes "
+                            f"at most {limit} tokens per sentence. Set `data.max_length` to {limit} or less.")
+    return max_length
+
+
 def tokenize_splits(dsd: DatasetDict, tokenizer, max_length: int) -> DatasetDict:
     "Add `input_ids` and `attention_mask` (truncated at `max_length`) and the untruncated `n_tokens`."
+    check_max_length(max_length, tokenizer)
+
     def encode(batch):
         enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
         enc["n_tokens"] = [len(ids) for ids in tokenizer(batch["text"])["input_ids"]]
