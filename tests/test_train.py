@@ -81,8 +81,15 @@ def test_best_model_is_saved_with_labels_and_tokenizer(settings):
     assert 0 <= summary["best_validation"]["accuracy"] <= 1
     live = json.loads((settings.path("train_live") / "metrics.json").read_text())
     assert live["best_validation"]["accuracy"] == summary["best_validation"]["accuracy"]
-    for curve in ("train/loss", "train/learning_rate", "eval/accuracy", "eval/f1"):
+    for curve in ("train/loss", "train/lr", "eval/accuracy", "eval/f1"):
         assert (settings.path("train_live") / "plots" / "metrics" / f"{curve}.tsv").is_file(), curve
+    # the summary's step is the last one logged; no metric shares a name with a param; no TrainingArguments dump
+    assert live["step"] == summary["global_step"] == max(logged_steps(settings))
+    assert "learning_rate" not in live.get("train", {})
+    assert not (settings.path("train_live") / "params.yaml").exists()
+    # the saved tokenizer cuts texts where training did (data.max_length), not at the checkpoint's limit
+    tok = json.loads((settings.path("best_model") / "tokenizer_config.json").read_text())
+    assert tok["model_max_length"] == settings.data.max_length
 
 
 def test_precision_choices():
@@ -96,3 +103,12 @@ def test_train_without_prepared_data_says_what_to_run(tmp_path, tiny_model_dir):
     s = load_params(write_params(tmp_path / "params.yaml", smoke_params(FIXTURE_DATA, tiny_model_dir)))
     with pytest.raises(ValueError, match="dvc repro prepare"):
         train(s)
+
+
+def test_a_run_that_cannot_start_keeps_the_last_dvclive_record(settings):
+    train(settings)
+    record = (settings.path("train_live") / "metrics.json").read_text()
+    too_long = load_params(settings.source, ["data.max_length=4096"])  # beyond the tiny model's 128 positions
+    with pytest.raises(ValueError, match="Set `data.max_length` to 128 or less"):
+        train(too_long)
+    assert (settings.path("train_live") / "metrics.json").read_text() == record
