@@ -83,6 +83,23 @@ def test_reexport_replaces_old_files(project):
     assert not (out / "pytorch_model.bin").exists()
 
 
+def test_an_export_that_cannot_load_keeps_the_previous_one(project):
+    first = write_export(project)
+    weights = (first / "model.safetensors").read_bytes()
+    (project.path("best_model") / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(Exception):  # noqa: B017 (whatever transformers raises for broken weights)
+        write_export(project)
+    assert (first / "model.safetensors").read_bytes() == weights
+
+
+def test_the_card_leaves_out_where_training_ran(tmp_path, project):
+    p = tmp_path / "params.yaml"
+    p.write_text(p.read_text() + "  ray_address: 10.1.2.3:6379\n  storage_path: /mnt/alice-nfs/runs\n")
+    body = (write_export(load_params(p)) / "README.md").read_text()
+    assert "| `learning_rate` | 3e-05 |" in body
+    assert "10.1.2.3" not in body and "alice-nfs" not in body and "ray_address" not in body
+
+
 def test_refuses_to_empty_a_foreign_folder(project):
     out = project.path("model")
     out.mkdir(parents=True)
