@@ -127,7 +127,7 @@ def validate_split(df: pd.DataFrame, name: str, show: int = 5) -> pd.DataFrame:
                         + "\n  ".join(problems[:show]) + more)
     return pd.DataFrame({"text": df["text"].astype(str), "label": df["label"].astype(int)})
 
-# %% ../nbs/01_data.ipynb #034ff647
+# %% ../nbs/01_data.ipynb #adccbf29
 def load_local_splits(folder: str | Path) -> DatasetDict:
     "Read and check the train/validation/test files in `folder`."
     splits = {}
@@ -139,7 +139,7 @@ def load_local_splits(folder: str | Path) -> DatasetDict:
 
 OFFLINE_HELP = ("To run offline, set `data.source` to a local folder holding train/validation/test "
                 "(.jsonl, .csv or .parquet, columns `text` and `label`), for example:\n"
-                "  dvc exp run -S data.source=../shared/data/rotten_tomatoes")
+                "  dvc exp run -S data.source=/path/to/rotten_tomatoes")
 
 
 def load_hub_splits(dataset_id: str) -> DatasetDict:

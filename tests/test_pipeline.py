@@ -155,6 +155,11 @@ def test_params_changes_rerun_only_the_stages_that_read_them(project):
         assert sorted(json.loads(dvc(root, "status", "--json").stdout)) == ["evaluate"]
 
         params["evaluate"]["calibration_bins"] = 10
+        params["train"]["storage_path"] = "/mnt/elsewhere"  # where a run happens reruns nothing
+        params["train"]["ray_address"] = "10.0.0.5:6379"
+        write_params(root / "params.yaml", params)
+        assert dvc(root, "status").stdout.strip() == "Data and pipelines are up to date."
+
         params["train"]["learning_rate"] = 5e-4
         write_params(root / "params.yaml", params)
         assert sorted(json.loads(dvc(root, "status", "--json").stdout)) == ["export", "train"]  # the card states train.*
@@ -176,6 +181,22 @@ def test_metrics_and_plots_show(project, tmp_path):
     dvc(root, "plots", "show", "-o", str(tmp_path / "plots"))
     html = (tmp_path / "plots" / "index.html").read_text()
     assert "Token lengths" in html and "loss" in html
+    # each CSV is drawn once, by its titled top-level definition, not also as a default line chart
+    plots = json.loads(dvc(root, "plots", "show", "--json").stdout)
+    assert not [p for p in plots if p.endswith(".csv")], list(plots)
+
+
+def test_metrics_are_in_git_so_a_fresh_clone_shows_them(project, tmp_path):
+    root, _ = project
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "a run")
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(root), str(clone))
+    shown = dvc(clone, "metrics", "show", "--json")
+    assert "failed to load" not in shown.stdout + shown.stderr
+    files = next(iter(json.loads(shown.stdout).values()))["data"]
+    assert all("error" not in v for v in files.values()), files
+    assert any(f.endswith("artifacts/onnx/check.json") for f in files)
 
 
 def test_experiment_with_a_changed_learning_rate(project):
