@@ -2,7 +2,7 @@
 #
 #   dvc repro export                      # or `dvc pull`: model/ must exist before the build
 #   docker build -t sentiment-nb .
-#   docker run --rm -p 8000:8000 --shm-size=1g sentiment-nb
+#   docker run --rm -p 8000:8000 --shm-size=1g sentiment-nb   # `docker stop` ends it cleanly within its 10 s
 #
 # For a GPU image, take PyTorch from a CUDA index and run with `--gpus all` and serve.num_gpus > 0:
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t sentiment-nb:cuda .
@@ -42,6 +42,6 @@ USER app
 # 8000: the API; 8080: Ray's Prometheus metrics (Serve's and the app's counters)
 EXPOSE 8000 8080
 HEALTHCHECK --interval=30s --timeout=15s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=12)"]
+    CMD ["python", "-c", "import urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:8000/healthz', timeout=12)"]
 CMD ["sentiment-nb", "serve", "--host", "0.0.0.0", "--port", "8000", "--model", "/app/model", "--params", "/app/params.yaml", \
      "--metrics-port", "8080"]

@@ -52,6 +52,14 @@ def test_predict_reads_stdin_with_a_dash(capsys, monkeypatch, tiny_model_dir):
     assert code == 0 and len(json.loads(out)) == 2
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def incomplete_model(tiny_model_dir, tmp_path) -> Path:
     d = tmp_path / "model"
     shutil.copytree(tiny_model_dir, d)
@@ -64,7 +72,8 @@ def incomplete_model(tiny_model_dir, tmp_path) -> Path:
     ("incomplete folder", lambda m, t: ["predict", "fine", "--model", str(incomplete_model(m, t))], "is incomplete"),
     ("empty text", lambda m, t: ["predict", "", "--model", str(m)], "empty"),
     ("blank text", lambda m, t: ["predict", "fine", "  ", "--model", str(m)], "Text 1 is empty"),
-    ("serve, missing folder", lambda m, t: ["serve", "--model", str(t / "no_such_model")], "does not exist"),
+    ("serve, missing folder", lambda m, t: ["serve", "--model", str(t / "no_such_model"), "--port", str(free_port())],
+     "does not exist"),
     ("serve, missing params", lambda m, t: ["serve", "--params", str(t / "nope.yaml")], "does not exist"),
 ])
 def test_user_errors_exit_2_with_one_clear_line(capsys, tiny_model_dir, tmp_path, case, argv, words):
@@ -73,6 +82,18 @@ def test_user_errors_exit_2_with_one_clear_line(capsys, tiny_model_dir, tmp_path
     assert out == ""
     assert err.startswith("sentiment-nb: error: ") and words in err and err.count("\n") == 1, err
     assert "Traceback" not in err
+
+
+def test_serve_on_a_taken_port_exits_2_with_one_clear_line(capsys, tiny_model_dir):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = run(capsys, "serve", "--model", str(tiny_model_dir), "--port", str(port))
+    assert code == 2 and out == "", err
+    assert err.startswith(f"sentiment-nb: error: Cannot listen on 127.0.0.1:{port}") and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("argv", [["predict"], ["predict", "x", "--batch-size", "0"], ["serve", "--port", "70000"],

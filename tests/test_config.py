@@ -22,6 +22,7 @@ def test_committed_params_file_is_valid():
     ("train:\n  precision: int4\n", "`train.precision` = 'int4'"),
     ("train:\n  lr_scheduler: cosin\n", "`train.lr_scheduler` = 'cosin': Input should be 'linear', 'cosine'"),
     ("data:\n  max_length: -3\n", "`data.max_length` = -3"),
+    ("serve:\n  max_queued_requests: 0\n", "`serve.max_queued_requests` = 0: Value error, must be -1 (no limit) or at least 1"),
     ("- a\n- list\n", "must hold a mapping of sections"),
     ("train: [unclosed\n", "is not valid YAML"),
 ])

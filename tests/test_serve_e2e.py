@@ -155,6 +155,12 @@ BAD = [
     ("blank item", {"json": {"texts": ["fine", " "]}}, 422, "`texts[1]` is empty"),
     ("text too long", {"json": {"text": "x" * 201}}, 413, "201 characters; at most 200"),
     ("too many texts", {"json": {"texts": ["fine"] * 9}}, 413, "9 items; at most 8"),
+    ("lone surrogate", {"content": b'{"texts": ["fine", "bad \\ud800"]}', "headers": {"content-type": "application/json"}},
+     422, "`texts[1]` holds '\\ud800' at character 4"),
+    ("body not UTF-8", {"content": b'{"text": "\xff"}', "headers": {"content-type": "application/json"}}, 400,
+     "error parsing the body. Send a UTF-8 JSON object"),
+    ("form body", {"content": b"text=a+fine+film", "headers": {"content-type": "application/x-www-form-urlencoded"}},
+     422, "Content-Type: application/json"),
 ]
 
 
@@ -168,8 +174,9 @@ def test_bad_input_gets_4xx_with_a_message(server, case, request_kw, status, wor
 
 
 def test_wrong_method_and_path_are_4xx(server):
-    assert httpx.get(server.url + "/predict").status_code == 405
-    assert httpx.get(server.url + "/nope").status_code == 404
+    for r, status, kind in ((httpx.get(server.url + "/predict"), 405, "method_not_allowed"),
+                            (httpx.get(server.url + "/nope"), 404, "not_found")):
+        assert (r.status_code, r.json()["error"]) == (status, kind), r.text
 
 
 def test_healthz_reports_a_loaded_model(server):
@@ -386,3 +393,39 @@ def test_page_shows_the_error_of_a_blank_sentence(server, browser):
     browser.find_element(By.ID, "submit").click()
     WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "error").text)
     assert browser.find_element(By.ID, "error").text.startswith("422: `text` is empty")
+
+
+# --- the console script -----------------------------------------------------------------------------------------------
+
+def test_the_serve_command_prints_its_url_and_stops_cleanly_on_sigterm(tiny_model_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    cli = Path(sys.executable).parent / "sentiment-nb"
+    proc = subprocess.Popen([str(cli), "serve", "--model", str(tiny_model_dir), "--port", str(port),
+                             "--params", str(write_params(tmp_path / "params.yaml", {"serve": {"num_cpus": 0.25}}))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    started = {}
+    try:
+        line = proc.stdout.readline()  # printed once /healthz answers
+        assert line.startswith(f"Serving {tiny_model_dir} at http://127.0.0.1:{port}/"), (line, proc.poll())
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200
+        started = {p.pid: p.name() for p in psutil.Process(proc.pid).children(recursive=True)}
+        assert any("raylet" in n for n in started.values()), started
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and err.rstrip().endswith("Stopped."), err[-2000:]
+        assert time.monotonic() - t0 < 30
+        deadline = time.monotonic() + 60
+        while alive(started) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not alive(started), {pid: started[pid] for pid in alive(started)}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in alive(started):  # do not leave them to the next tests
+            psutil.Process(pid).kill()

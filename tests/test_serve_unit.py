@@ -245,6 +245,75 @@ def test_a_replica_loads_and_runs_every_forward_pass_on_one_thread_of_its_own(ti
     assert {n for k, _, n in got["seen"] if k == "predict"} == {2}
 
 
+ISOLATION_SCRIPT = """
+import asyncio, json, sys
+from ray.serve import batching
+from sentiment_nb.serve import SentimentAPI, SentimentModel
+
+batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None
+BAD = "bad \\ud800"  # half a surrogate pair: the tokenizer raises TypeError on it
+replica = SentimentModel.func_or_class(sys.argv[1], max_batch_size=8, backend="torch")
+forwards, real_forward = [], replica.forward
+
+async def forward(texts):
+    forwards.append(len(texts))
+    return await real_forward(texts)
+
+replica.forward = forward
+
+class Handle:  # the model deployment as the ingress sees it: `predict.remote(texts)`, awaited
+    calls = []
+
+    def __init__(self):
+        self.predict = self
+
+    async def _call(self, texts):
+        Handle.calls.append(len(texts))
+        await asyncio.sleep(0.05)
+        return await replica.predict(texts)
+
+    def remote(self, texts):
+        return self._call(texts)
+
+ingress_class = SentimentAPI.func_or_class.__mro__[1]  # the class as written, under Serve's ASGI wrapper
+api = ingress_class.__new__(ingress_class)
+ingress_class.__init__(api, Handle(), group_size=8, max_groups=1)
+
+def kind(x):
+    return type(x).__name__ if isinstance(x, Exception) else x["results"][0]["label"]
+
+async def main():
+    model = await asyncio.gather(replica.predict([BAD]), replica.predict(["a fine film"]), replica.health(),
+                                 return_exceptions=True)
+    first = asyncio.create_task(api.classify(["the first request"]))
+    await asyncio.sleep(0.01)  # in flight: the next two are grouped
+    ingress = await asyncio.gather(first, api.classify(["fine", BAD]), api.classify(["dull"]), return_exceptions=True)
+    return {"model": [kind(model[0]), kind(model[1]), model[2]["probe"]], "forwards": forwards,
+            "ingress": [kind(x) for x in ingress], "calls": Handle.calls}
+
+print(json.dumps(asyncio.run(main())))
+"""
+
+
+def test_a_request_the_model_fails_on_fails_alone(tiny_model_dir):
+    # Its own process, for the reason above. The model replica batches the three calls into one forward pass,
+    # which fails, and reruns each alone; the ingress groups two requests into one model call, which fails, and
+    # resends each alone. Only the request at fault gets the error, at both levels.
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", ISOLATION_SCRIPT, str(tiny_model_dir)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    labels = {"negative", "positive"}
+    assert got["model"][0] == "TypeError" and {got["model"][1], got["model"][2]} <= labels
+    assert got["forwards"][:4] == [3, 1, 1, 1]  # one merged pass of three texts failed; then each alone
+    assert got["ingress"][0] in labels and got["ingress"][1] == "TypeError" and got["ingress"][2] in labels
+    assert got["calls"][:4] == [1, 3, 2, 1]  # the first alone; the group of two requests (3 texts); then each alone
+
+
 def test_haproxy_env_gives_each_server_its_own_files_and_a_free_port_for_a_taken_default(tmp_path, monkeypatch):
     import socket
 
