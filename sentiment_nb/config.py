@@ -15,9 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # %% auto #0
-__all__ = ['LRScheduler', 'RUN_LOCATION_KEYS', 'PARAMS_ENV', 'RECORDED_PACKAGES', 'DataParams', 'ModelParams', 'TrainParams',
-           'EvaluateParams', 'ServeParams', 'PathsParams', 'Params', 'ParamsError', 'find_params_file',
-           'parse_override', 'Settings', 'load_params', 'seed_everything', 'pick_device', 'hub_unreachable',
+__all__ = ['LRScheduler', 'RUN_LOCATION_KEYS', 'PARAMS_ENV', 'WEIGHTS_FILES', 'TOKENIZER_FILES', 'MODEL_DIR_HELP', 'ONNX_FILES',
+           'ONNX_SUBDIR', 'RECORDED_PACKAGES', 'DataParams', 'ModelParams', 'TrainParams', 'EvaluateParams',
+           'ServeParams', 'PathsParams', 'Params', 'ParamsError', 'find_params_file', 'parse_override', 'Settings',
+           'load_params', 'seed_everything', 'pick_device', 'hub_unreachable', 'ModelDirError', 'check_model_dir',
            'git_revision', 'environment_info']
 
 # %% ../nbs/00_config.ipynb #e856e5b6
@@ -295,6 +296,41 @@ def hub_unreachable(err: BaseException) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
+
+# %% ../nbs/00_config.ipynb #5aca2b2a
+class ModelDirError(ValueError):
+    "A model folder that is missing or incomplete; the message names the folder and the fix."
+
+
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+MODEL_DIR_HELP = "Run `dvc repro` (or `dvc pull`) to produce it, or pass --model with a model folder."
+ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}  # backend -> graph file
+ONNX_SUBDIR = "onnx"  # where an export keeps them
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    "`path` as an absolute `Path` if it holds a config, safetensors weights and a tokenizer; else a `ModelDirError`."
+    p = Path(path).expanduser().resolve()
+    if not p.exists():
+        raise ModelDirError(f"Model folder {str(p)!r} does not exist. {MODEL_DIR_HELP}")
+    if not p.is_dir():
+        raise ModelDirError(f"Model path {str(p)!r} is a file, not a folder saved with `save_pretrained`. {MODEL_DIR_HELP}")
+    missing = []
+    if not (p / "config.json").is_file():
+        missing.append("config.json")
+    if not any((p / f).is_file() for f in WEIGHTS_FILES):
+        old = " (it has pytorch_model.bin: re-save it with `save_pretrained`, which writes safetensors)" \
+            if (p / "pytorch_model.bin").is_file() else ""
+        missing.append(f"weights (model.safetensors){old}")
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        missing.append(f"tokenizer files ({' or '.join(TOKENIZER_FILES[:2])})")
+    if missing:
+        raise ModelDirError(f"Model folder {str(p)!r} is incomplete: it has no {', no '.join(missing)}. "
+                            f"It must be saved with `model.save_pretrained` and `tokenizer.save_pretrained`. "
+                            + MODEL_DIR_HELP)
+    return p
 
 # %% ../nbs/00_config.ipynb #1bbf9fd4
 RECORDED_PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "ray", "dvc", "dvclive")
