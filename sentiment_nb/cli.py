@@ -106,7 +106,7 @@ def cmd_predict(args) -> int:
     print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0
 
-# %% ../nbs/06_cli.ipynb #08e3afbe
+# %% ../nbs/06_cli.ipynb #17458a82
 def serve_settings(args):
     "The `Settings` for `sentiment-nb serve`: the params file, then the command-line options."
     from sentiment_nb.config import Params, ParamsError, Settings, find_params_file, load_params
@@ -121,17 +121,12 @@ def serve_settings(args):
             raise
         if not over:
             return Settings(Params(), Path.cwd())
-        return Settings(load_params(_empty_params_file(), over).params, Path.cwd())  # relative to here
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="sentiment-nb-") as d:  # overrides go through load_params' checks
+            (Path(d) / "params.yaml").write_text("{}\n")
+            return Settings(load_params(Path(d) / "params.yaml", over).params, Path.cwd())  # relative to here
     return load_params(file, over)
-
-
-def _empty_params_file() -> Path:
-    "An empty params file in a temporary folder, so that overrides go through `load_params`' checks."
-    import tempfile
-
-    f = Path(tempfile.mkdtemp(prefix="sentiment-nb-")) / "params.yaml"
-    f.write_text("{}\n")
-    return f
 
 # %% ../nbs/06_cli.ipynb #f8530e04
 def _interrupt(signum, frame):

@@ -21,7 +21,7 @@ __all__ = ['LRScheduler', 'RUN_LOCATION_KEYS', 'PARAMS_ENV', 'WEIGHTS_FILES', 'T
            'load_params', 'seed_everything', 'pick_device', 'hub_unreachable', 'ModelDirError', 'check_model_dir',
            'git_revision', 'environment_info']
 
-# %% ../nbs/00_config.ipynb #e856e5b6
+# %% ../nbs/00_config.ipynb #0309ffa8
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -50,7 +50,7 @@ class TrainParams(_Section):
     batch_size: int = Field(32, ge=1)  # per device
     eval_batch_size: int = Field(64, ge=1)
     epochs: float = Field(2.0, gt=0)
-    max_steps: int = -1  # -1 = run `epochs` epochs
+    max_steps: int = Field(-1, ge=-1)  # -1 = run `epochs` epochs
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     lr_scheduler: LRScheduler = "linear"
@@ -65,6 +65,20 @@ class TrainParams(_Section):
     use_gpu: Literal["auto"] | bool = "auto"  # auto: a GPU per worker when there are enough of them
     ray_address: str | None = None  # an existing Ray cluster (else $RAY_ADDRESS, else a local Ray)
     storage_path: str | None = None  # Ray Train storage (s3://, gs://, shared NFS) for a multi-node cluster; None: a temp dir
+
+    @field_validator("max_steps")
+    @classmethod
+    def _some_steps(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("must be -1 (run `epochs` epochs) or at least 1")
+        return v
+
+    @field_validator("eval_steps", "logging_steps")
+    @classmethod
+    def _fraction_or_whole_steps(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError("must be a fraction of the run (below 1) or a whole number of steps")
+        return v
 
 
 # Where a training run happens, not what it computes: left out of its fingerprint, the DVC deps and the model card.

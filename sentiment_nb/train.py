@@ -43,12 +43,17 @@ def resolve_precision(precision: str, device: str) -> str:
                          "on a CPU the Trainer would silently train in fp32. Use auto, fp32 or bf16.")
     return precision
 
-# %% ../nbs/02_train.ipynb #710792f5
+# %% ../nbs/02_train.ipynb #01445b9e
 def resolve_device(use_gpu: str | bool) -> str:
     "The device a single-process run trains on, for `train.use_gpu` (`auto`, true or false)."
     if use_gpu == "auto":
         return pick_device()
-    return pick_device("cuda") if use_gpu else "cpu"
+    if not use_gpu:
+        return "cpu"
+    try:
+        return pick_device("cuda")
+    except ValueError:
+        raise ValueError("`train.use_gpu` is true, but there is no CUDA GPU here: set it to auto or false.") from None
 
 # %% ../nbs/02_train.ipynb #29324140
 def training_arguments(settings: Settings, device: str, output_dir: str | Path, **overrides):

@@ -126,6 +126,14 @@ def test_hub_unreachable_says_how_to_go_offline(monkeypatch):
         load_tokenizer("distilbert-base-uncased")
 
 
+def test_a_mistyped_local_folder_is_named_in_the_offline_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "params.yaml").write_text("data:\n  source: data/rt\n")  # no such folder: read as a Hub id
+    with pytest.raises(DataError) as e:
+        load_splits(load_params(tmp_path / "params.yaml"))
+    assert f"There is no local folder {str(tmp_path.resolve() / 'data' / 'rt')!r} either." in str(e.value)
+
+
 def test_missing_local_checkpoint(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_tokenizer(str(tmp_path / "no-model"))
