@@ -117,7 +117,7 @@ def plot_reliability(table: pd.DataFrame, ax=None, title: str = "Reliability dia
     ax.legend(loc="upper left", fontsize=8)
     return ax
 
-# %% ../nbs/03_evaluate.ipynb #a52f57a5
+# %% ../nbs/03_evaluate.ipynb #8b5ee949
 def load_test_split(settings: Settings):
     "The `test` split of the prepared `DatasetDict` in `paths.prepared`."
     from datasets import load_from_disk
@@ -127,7 +127,8 @@ def load_test_split(settings: Settings):
         raise FileNotFoundError(f"No prepared data in {folder}. Run `dvc repro prepare` first.")
     dsd = load_from_disk(str(folder))
     if "test" not in dsd:
-        raise KeyError(f"The prepared data in {folder} has no test split (it has {', '.join(dsd)}).")
+        raise ValueError(f"The prepared data in {folder} has no test split (it has {', '.join(dsd)}). "
+                         "Run `dvc repro prepare` again.")
     return dsd["test"]
 
 

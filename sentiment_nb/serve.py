@@ -8,10 +8,11 @@ __all__ = ['logger', 'HTTP_ERROR_KINDS', 'MAX_BUSY_WAIT_S', 'BATCH_FIELDS', 'ING
            'Prediction', 'BatchPrediction', 'ErrorResponse', 'RequestError', 'request_texts', 'validation_error',
            'http_error', 'merge_batch', 'split_batch', 'BatchPace', 'shape_response', 'request_log',
            'deployment_options', 'model_replicas_per_ingress', 'ingress_grouping', 'CapacityError', 'check_capacity',
-           'count', 'replica_threads', 'forward_batch_size', 'resolve_backend', 'SentimentModel', 'SentimentAPI',
-           'resolve_settings', 'build_app', 'serve_config', 'write_serve_config', 'is_loopback', 'haproxy_available',
-           'use_haproxy', 'port_in_use', 'free_port', 'PortInUseError', 'check_port_free', 'haproxy_env',
-           'wait_healthy', 'start_server', 'metrics_url', 'log_dir', 'request_records', 'stop_server']
+           'count', 'max_body_bytes', 'BodySizeLimit', 'replica_threads', 'forward_batch_size', 'resolve_backend',
+           'SentimentModel', 'SentimentAPI', 'resolve_settings', 'build_app', 'serve_config', 'write_serve_config',
+           'is_loopback', 'haproxy_available', 'use_haproxy', 'port_in_use', 'free_port', 'PortInUseError',
+           'check_port_free', 'haproxy_env', 'wait_healthy', 'start_server', 'metrics_url', 'log_dir',
+           'request_records', 'stop_server']
 
 # %% ../nbs/05_serve.ipynb #db7c2807
 import asyncio
@@ -327,10 +328,34 @@ def count(metric: str, tag: str, value: str, n: int = 1) -> None:
     except Exception:  # metrics must never break a request
         pass
 
-# %% ../nbs/05_serve.ipynb #78dce8bd
+# %% ../nbs/05_serve.ipynb #258d5f82
+def max_body_bytes(max_texts: int, max_chars: int) -> int:
+    "The most bytes a valid request body can have, escapes and separators included."
+    return 1024 + max_texts * (max_chars * 12 + 16)
+
+
+class BodySizeLimit:
+    "ASGI middleware: a request whose `Content-Length` is over `limit_bytes()` gets a 413 before its body is read."
+
+    def __init__(self, app, limit_bytes):
+        self.app, self.limit_bytes = app, limit_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (limit := self.limit_bytes()):
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > limit:
+                status, body = http_error(413, f"The body has {int(length)} bytes; a request within serve.max_texts "
+                                               f"and serve.max_chars has at most {limit}. Split it.")
+                _rejected(status, body["error"], body["detail"])
+                return await JSONResponse(body, status_code=status)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+# %% ../nbs/05_serve.ipynb #74e3ae8e
 app = FastAPI(title="sentiment_nb", version=__version__,
               description="Classify movie-review sentences as negative or positive. "
                           "`POST /predict` with `{\"text\": ...}` or `{\"texts\": [...]}`.")
+_body_limit: dict[str, int | None] = {"bytes": None}  # set by the ingress replica of this process
+app.add_middleware(BodySizeLimit, limit_bytes=lambda: _body_limit["bytes"])
 
 
 @app.exception_handler(RequestValidationError)
@@ -456,7 +481,7 @@ class SentimentModel:
         return {"labels": list(self.predictor.labels), "device": str(self.predictor.device),
                 "backend": self.predictor.backend, "probe": out["results"][0]["label"]}
 
-# %% ../nbs/05_serve.ipynb #938b59cf
+# %% ../nbs/05_serve.ipynb #cc764d50
 HEALTH_TIMEOUT_S = 10.0
 _RESPONSES = {**{k: {"model": ErrorResponse} for k in (400, 413, 422, 500)},
               503: {"description": "Overloaded: Ray Serve's own plain-text answer, `Request dropped due to backpressure`.",
@@ -471,6 +496,7 @@ class SentimentAPI:
     def __init__(self, model, max_chars: int = 2000, max_texts: int = 64, log_text: bool = False,
                  group_size: int = 32, max_groups: int = 2, group_wait_s: float = 0.0):
         self.model, self.max_chars, self.max_texts, self.log_text = model, max_chars, max_texts, log_text
+        _body_limit["bytes"] = max_body_bytes(max_texts, max_chars)
         self.classify_grouped = serve.batch(max_batch_size=group_size, batch_wait_timeout_s=group_wait_s,
                                             max_concurrent_batches=max_groups)(self.classify_group)
         self.calls_in_flight = 0

@@ -161,6 +161,8 @@ BAD = [
      "error parsing the body. Send a UTF-8 JSON object"),
     ("form body", {"content": b"text=a+fine+film", "headers": {"content-type": "application/x-www-form-urlencoded"}},
      422, "Content-Type: application/json"),
+    ("body over any valid size", {"json": {"text": "x" * 30_000}}, 413,  # refused before parsing, not as too long
+     "bytes; a request within serve.max_texts and serve.max_chars has at most 20352"),
 ]
 
 
