@@ -9,10 +9,10 @@ __all__ = ['logger', 'HTTP_ERROR_KINDS', 'MAX_BUSY_WAIT_S', 'BATCH_FIELDS', 'ING
            'http_error', 'merge_batch', 'split_batch', 'BatchPace', 'shape_response', 'request_log',
            'deployment_options', 'model_replicas_per_ingress', 'ingress_grouping', 'CapacityError', 'check_capacity',
            'count', 'max_body_bytes', 'BodySizeLimit', 'replica_threads', 'forward_batch_size', 'resolve_backend',
-           'SentimentModel', 'SentimentAPI', 'resolve_settings', 'build_app', 'serve_config', 'write_serve_config',
-           'is_loopback', 'haproxy_available', 'use_haproxy', 'port_in_use', 'free_port', 'PortInUseError',
-           'check_port_free', 'haproxy_env', 'wait_healthy', 'start_server', 'metrics_url', 'log_dir',
-           'request_records', 'stop_server']
+           'each_alone', 'raised', 'SentimentModel', 'SentimentAPI', 'resolve_settings', 'build_app', 'serve_config',
+           'write_serve_config', 'is_loopback', 'haproxy_available', 'use_haproxy', 'bind_error', 'port_in_use',
+           'free_port', 'PortInUseError', 'check_port_free', 'haproxy_env', 'wait_healthy', 'start_server',
+           'metrics_url', 'log_dir', 'request_records', 'stop_server']
 
 # %% ../nbs/05_serve.ipynb #db7c2807
 import asyncio
@@ -410,8 +410,26 @@ def resolve_backend(settings: Settings) -> tuple[str, str]:
     return select_backend(settings.resolve(sp.model), sp.backend, sp.max_accuracy_drop,
                           device="cuda" if sp.num_gpus > 0 else "cpu")
 
-# %% ../nbs/05_serve.ipynb #e8918ff8
+# %% ../nbs/05_serve.ipynb #94c0f4d1
 PROBE_TEXT = "a probe sentence to check that the model answers."
+
+
+async def each_alone(call, requests: list) -> list:
+    "`call` on each of `requests` by itself, in turn: its result, or the exception it raised."
+    out = []
+    for r in requests:
+        try:
+            out.append(await call(r))
+        except Exception as e:
+            out.append(e)
+    return out
+
+
+def raised(out):
+    "`out`, unless it is an exception that `each_alone` returned for this request: then raise it."
+    if isinstance(out, Exception):
+        raise out
+    return out
 
 
 @serve.deployment
@@ -448,7 +466,7 @@ class SentimentModel:
         except Exception:
             if len(requests) == 1:
                 raise
-            return [await self.forward_alone(r) for r in requests]  # one request must not fail the others
+            return await each_alone(self.forward_alone, requests)  # one request must not fail the others
         finally:
             self.predict_batch.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
         model_s = time.perf_counter() - t0
@@ -459,29 +477,23 @@ class SentimentModel:
     async def forward(self, texts: list[str]) -> list[dict]:
         return await asyncio.get_running_loop().run_in_executor(self.forward_thread, self.predictor.predict, texts)
 
-    async def forward_alone(self, texts: list[str]) -> dict | Exception:
-        "One request's results, run by themselves, or the exception they raise (`predict` raises it for them only)."
+    async def forward_alone(self, texts: list[str]) -> dict:
+        "One request's results, run by themselves."
         t0 = time.perf_counter()
-        try:
-            results = await self.forward(texts)
-        except Exception as e:
-            return e
+        results = await self.forward(texts)
         return {"results": results, "batch_requests": 1, "batch_texts": len(texts),
                 "model_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
     async def predict(self, texts: list[str]) -> dict:
         "Results for `texts` (one call's worth), with the size of the batch they were part of."
-        out = await self.predict_batch(texts)
-        if isinstance(out, Exception):
-            raise out
-        return out
+        return raised(await self.predict_batch(texts))
 
     async def health(self) -> dict:
         out = await self.predict([PROBE_TEXT])
         return {"labels": list(self.predictor.labels), "device": str(self.predictor.device),
                 "backend": self.predictor.backend, "probe": out["results"][0]["label"]}
 
-# %% ../nbs/05_serve.ipynb #cc764d50
+# %% ../nbs/05_serve.ipynb #a23a4c0b
 HEALTH_TIMEOUT_S = 10.0
 _RESPONSES = {**{k: {"model": ErrorResponse} for k in (400, 413, 422, 500)},
               503: {"description": "Overloaded: Ray Serve's own plain-text answer, `Request dropped due to backpressure`.",
@@ -511,17 +523,11 @@ class SentimentAPI:
     async def classify(self, texts: list[str]) -> dict:
         "The model's results for one request's `texts`: alone when the model is idle, else in a group."
         if not self.calls_in_flight:
-            return {**await self.call_model(texts), "group_requests": 1}
-        out = await self.classify_grouped(texts)
-        if isinstance(out, Exception):
-            raise out
-        return out
+            return await self.call_alone(texts)
+        return raised(await self.classify_grouped(texts))
 
-    async def call_alone(self, texts: list[str]) -> dict | Exception:
-        try:
-            return {**await self.call_model(texts), "group_requests": 1}
-        except Exception as e:
-            return e
+    async def call_alone(self, texts: list[str]) -> dict:
+        return {**await self.call_model(texts), "group_requests": 1}
 
     async def classify_group(self, requests: list[list[str]]) -> list[dict | Exception]:
         "One call to the model for the texts of a group of requests; each request gets its own results back."
@@ -534,7 +540,7 @@ class SentimentAPI:
         except Exception:
             if len(requests) == 1:
                 raise
-            return [await self.call_alone(texts) for texts in requests]  # one request must not fail the others
+            return await each_alone(self.call_alone, requests)  # one request must not fail the others
         in_order = list(range(len(out["results"])))
         return [{**out, "results": r, "group_requests": len(requests)}
                 for r in split_batch(out["results"], in_order, requests)]
@@ -626,7 +632,7 @@ def write_serve_config(settings: Settings, path: str | os.PathLike = "serve_conf
     Path(path).write_text(header + yaml.safe_dump(serve_config(settings), sort_keys=False))
     return Path(path)
 
-# %% ../nbs/05_serve.ipynb #3016ff8d
+# %% ../nbs/05_serve.ipynb #dcb5ad38
 def is_loopback(host: str) -> bool:
     "Whether `host` names this machine's loopback interface only."
     import ipaddress
@@ -656,16 +662,22 @@ def use_haproxy(sp: ServeParams) -> bool:
 HAPROXY_DEFAULT_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
 
 
-def port_in_use(port: int) -> bool:
-    "Whether TCP `port` is taken on this host (HAProxy binds its ports on all interfaces)."
+def bind_error(host: str, port: int) -> str | None:
+    "Why a server could not listen on `host`:`port` now (`Address already in use`, ...), or None if it could."
     import socket
 
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a closed connection does not count
         try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return True
-    return False
+            s.bind((host, port))
+        except OSError as e:
+            return e.strerror
+    return None
+
+
+def port_in_use(port: int) -> bool:
+    "Whether TCP `port` is taken on this host (HAProxy binds its ports on all interfaces)."
+    return bind_error("0.0.0.0", port) is not None
 
 
 def free_port() -> int:
@@ -683,15 +695,9 @@ class PortInUseError(CapacityError):
 
 def check_port_free(host: str, port: int) -> None:
     "Raise `PortInUseError` if nothing can listen on `host`:`port` now (else `serve.start` fails with a long traceback)."
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a closed connection does not count
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise PortInUseError(f"Cannot listen on {host}:{port} ({e.strerror}). Stop what uses the port, or choose "
-                                 f"another: --port (serve.port).") from None
+    if why := bind_error(host, port):
+        raise PortInUseError(f"Cannot listen on {host}:{port} ({why}). Stop what uses the port, or choose another: "
+                             f"--port (serve.port).")
 
 
 def haproxy_env(run_dir: str | os.PathLike) -> dict[str, str]:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from sentiment_nb.cli import build_parser, main, serve_settings
 
@@ -50,14 +51,6 @@ def test_predict_reads_stdin_with_a_dash(capsys, monkeypatch, tiny_model_dir):
     monkeypatch.setattr(sys, "stdin", io.StringIO(SENTENCES[0] + "\n\n" + SENTENCES[1] + "\n"))
     code, out, _ = run(capsys, "predict", "-", "--model", str(tiny_model_dir))
     assert code == 0 and len(json.loads(out)) == 2
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def incomplete_model(tiny_model_dir, tmp_path) -> Path:

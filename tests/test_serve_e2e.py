@@ -6,7 +6,6 @@ process that the server started (raylet, gcs_server and the workers under them) 
 """
 import os
 import shutil
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from helpers import FIXTURE_DATA, export_with_onnx, fixture_texts, smoke_params, write_params
+from helpers import FIXTURE_DATA, export_with_onnx, fixture_texts, free_port, smoke_params, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +36,6 @@ class Server:
 class OnnxApp:
     url: str
     model: Path  # the model folder it serves
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_processes() -> dict[int, str]:

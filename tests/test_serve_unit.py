@@ -227,17 +227,21 @@ print(json.dumps({"seen": seen, "forward": replica.forward_thread.submit(threadi
 """
 
 
-def test_a_replica_loads_and_runs_every_forward_pass_on_one_thread_of_its_own(tiny_model_dir):
-    # OpenMP keeps a worker pool per thread that starts parallel work: passes spread over a thread pool each bring one.
+def run_script(script: str, *args: str) -> dict:
+    "Run `script` in a Python process of its own; the JSON it prints last."
     # Its own process: Serve's batch queue lives on the class, and once used, the class no longer pickles for Ray.
     import json
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", REPLICA_THREADS_SCRIPT, str(tiny_model_dir)], capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_replica_loads_and_runs_every_forward_pass_on_one_thread_of_its_own(tiny_model_dir):
+    # OpenMP keeps a worker pool per thread that starts parallel work: passes spread over a thread pool each bring one.
+    got = run_script(REPLICA_THREADS_SCRIPT, str(tiny_model_dir))
     assert got["sizes"] == [1, 2] and got["probe"] in ("negative", "positive")
     kinds = [k for k, _, _ in got["seen"]]
     assert kinds[0] == "load" and kinds.count("predict") >= 2  # the start-up probe, then one batch or more
@@ -296,17 +300,10 @@ print(json.dumps(asyncio.run(main())))
 
 
 def test_a_request_the_model_fails_on_fails_alone(tiny_model_dir):
-    # Its own process, for the reason above. The model replica batches the three calls into one forward pass,
-    # which fails, and reruns each alone; the ingress groups two requests into one model call, which fails, and
-    # resends each alone. Only the request at fault gets the error, at both levels.
-    import json
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", ISOLATION_SCRIPT, str(tiny_model_dir)], capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    # The model replica batches the three calls into one forward pass, which fails, and reruns each alone; the
+    # ingress groups two requests into one model call, which fails, and resends each alone. Only the request at
+    # fault gets the error, at both levels.
+    got = run_script(ISOLATION_SCRIPT, str(tiny_model_dir))
     labels = {"negative", "positive"}
     assert got["model"][0] == "TypeError" and {got["model"][1], got["model"][2]} <= labels
     assert got["forwards"][:4] == [3, 1, 1, 1]  # one merged pass of three texts failed; then each alone

@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURE_DATA, smoke_params, write_params
+from helpers import FIXTURE_DATA, free_port, smoke_params, write_params
 
 import sentiment_nb.train as train_mod
 from sentiment_nb.config import Params, Settings, load_params
@@ -250,12 +249,6 @@ def test_a_failed_two_worker_run_resumes_from_its_last_checkpoint(tmp_path, tiny
     assert (s.path("best_model") / "model.safetensors").is_file()
     assert not list(s.path("checkpoints").glob("checkpoint-*"))  # the finished run leaves nothing to resume
     assert not list(storage.glob("sentiment-nb-train-*"))  # both runs' folders were removed from the storage
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pids_of(marker: str) -> list[int]:
