@@ -8,11 +8,11 @@ __all__ = ['logger', 'HTTP_ERROR_KINDS', 'MAX_BUSY_WAIT_S', 'BATCH_FIELDS', 'ING
            'Prediction', 'BatchPrediction', 'ErrorResponse', 'RequestError', 'request_texts', 'validation_error',
            'http_error', 'merge_batch', 'split_batch', 'BatchPace', 'shape_response', 'request_log',
            'deployment_options', 'model_replicas_per_ingress', 'ingress_grouping', 'CapacityError', 'check_capacity',
-           'count', 'max_body_bytes', 'BodySizeLimit', 'replica_threads', 'forward_batch_size', 'resolve_backend',
-           'each_alone', 'raised', 'SentimentModel', 'SentimentAPI', 'resolve_settings', 'build_app', 'serve_config',
-           'write_serve_config', 'is_loopback', 'haproxy_available', 'use_haproxy', 'bind_error', 'port_in_use',
-           'free_port', 'PortInUseError', 'check_port_free', 'haproxy_env', 'wait_healthy', 'start_server',
-           'metrics_url', 'log_dir', 'request_records', 'stop_server']
+           'count', 'max_body_bytes', 'body_too_large', 'BodySizeLimit', 'replica_threads', 'forward_batch_size',
+           'resolve_backend', 'each_alone', 'raised', 'SentimentModel', 'SentimentAPI', 'resolve_settings', 'build_app',
+           'serve_config', 'write_serve_config', 'is_loopback', 'haproxy_available', 'use_haproxy', 'bind_error',
+           'port_in_use', 'free_port', 'PortInUseError', 'check_port_free', 'haproxy_env', 'wait_healthy',
+           'start_server', 'metrics_url', 'log_dir', 'request_records', 'stop_server']
 
 # %% ../nbs/05_serve.ipynb #db7c2807
 import asyncio
@@ -328,27 +328,44 @@ def count(metric: str, tag: str, value: str, n: int = 1) -> None:
     except Exception:  # metrics must never break a request
         pass
 
-# %% ../nbs/05_serve.ipynb #258d5f82
+# %% ../nbs/05_serve.ipynb #389ed6d4
 def max_body_bytes(max_texts: int, max_chars: int) -> int:
     "The most bytes a valid request body can have, escapes and separators included."
     return 1024 + max_texts * (max_chars * 12 + 16)
 
 
+def body_too_large(size: str, limit: int) -> tuple[int, dict]:
+    "The 413 for a body of `size` bytes (a number, or `more than N`)."
+    return http_error(413, f"The body has {size} bytes; a request within serve.max_texts "
+                           f"and serve.max_chars has at most {limit}. Split it.")
+
+
 class BodySizeLimit:
-    "ASGI middleware: a request whose `Content-Length` is over `limit_bytes()` gets a 413 before its body is read."
+    "ASGI middleware: a body over `limit_bytes()` gets a 413, before it is read when it has a `Content-Length`."
 
     def __init__(self, app, limit_bytes):
         self.app, self.limit_bytes = app, limit_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and (limit := self.limit_bytes()):
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > limit:
-                status, body = http_error(413, f"The body has {int(length)} bytes; a request within serve.max_texts "
-                                               f"and serve.max_chars has at most {limit}. Split it.")
-                _rejected(status, body["error"], body["detail"])
-                return await JSONResponse(body, status_code=status)(scope, receive, send)
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or not (limit := self.limit_bytes()):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            status, body = body_too_large(str(int(length)), limit)
+            _rejected(status, body["error"], body["detail"])
+            return await JSONResponse(body, status_code=status)(scope, receive, send)
+        received = 0
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:  # FastAPI passes an HTTPException on to the app's handler, `_on_http_error`
+                    raise StarletteHTTPException(413, body_too_large(f"more than {limit}", limit)[1]["detail"])
+            return message
+
+        await self.app(scope, counted_receive, send)
 
 # %% ../nbs/05_serve.ipynb #74e3ae8e
 app = FastAPI(title="sentiment_nb", version=__version__,

@@ -168,6 +168,22 @@ def test_bad_input_gets_4xx_with_a_message(server, case, request_kw, status, wor
     assert words in body["detail"], body
 
 
+def test_a_chunked_body_is_capped_as_it_arrives(server):
+    "A body with no Content-Length is counted as it streams in: served under the cap, a 413 past it."
+    def chunks(body: bytes, size: int):
+        yield from (body[i:i + size] for i in range(0, len(body), size))
+
+    headers = {"content-type": "application/json"}
+    small = httpx.post(server.url + "/predict", content=chunks(b'{"text": "a funny and touching thriller ."}', 7),
+                       headers=headers, timeout=60)
+    assert "content-length" not in small.request.headers
+    assert small.status_code == 200 and small.json()["label"] in ("positive", "negative"), small.text
+    big = httpx.post(server.url + "/predict", content=chunks(b'{"text": "' + b"x" * 30_000 + b'"}', 4096),
+                     headers=headers, timeout=60)
+    assert (big.status_code, big.json()["error"]) == (413, "body_too_large"), big.text
+    assert "The body has more than 20352 bytes" in big.json()["detail"]
+
+
 def test_wrong_method_and_path_are_4xx(server):
     for r, status, kind in ((httpx.get(server.url + "/predict"), 405, "method_not_allowed"),
                             (httpx.get(server.url + "/nope"), 404, "not_found")):
