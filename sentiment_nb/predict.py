@@ -14,8 +14,8 @@ from .config import MODEL_DIR_HELP, ONNX_FILES, ONNX_SUBDIR, ModelDirError, chec
 
 # %% auto #0
 __all__ = ['BACKENDS', 'BACKEND_CHOICES', 'SPEED_ORDER', 'InputError', 'check_texts', 'softmax', 'BasePredictor', 'Predictor',
-           'column_major_linears', 'onnx_file', 'OnnxPredictor', 'recorded_backends', 'select_backend',
-           'load_predictor', 'predict']
+           'column_major_linears', 'onnx_file', 'OnnxPredictor', 'recorded_backends', 'json_preview', 'auto_device',
+           'select_backend', 'load_predictor', 'files_stamp', 'predict']
 
 # %% ../nbs/04a_predict.ipynb #66a35bd8
 class InputError(ValueError):
@@ -153,7 +153,7 @@ def column_major_linears(model) -> int:
                 changed += 1
     return changed
 
-# %% ../nbs/04a_predict.ipynb #8704f0ed
+# %% ../nbs/04a_predict.ipynb #78e1b99c
 BACKENDS = ("torch", "onnx", "onnx-int8")
 BACKEND_CHOICES = (*BACKENDS, "auto")
 
@@ -172,9 +172,18 @@ def onnx_file(model_dir: str | os.PathLike, backend: str, onnx_dir: str | os.Pat
 
 
 def _read_json(path: Path) -> dict:
+    "The JSON object in `path`, `{}` when there is no such file; a `ModelDirError` naming it when it is not one."
     import json
 
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelDirError(f"{path} is not valid JSON ({e}). {MODEL_DIR_HELP}") from e
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path} holds a JSON {type(data).__name__}, not an object. {MODEL_DIR_HELP}")
+    return data
 
 
 def _token(value) -> str | None:
@@ -205,7 +214,11 @@ class OnnxPredictor(BasePredictor):
         self.labels = [id2label[i] for i in range(len(id2label))]
         self.max_length = _pick_max_length([config.get("max_position_embeddings"),
                                             tok_config.get("model_max_length")], max_length)
-        self.tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises a bare Exception on a bad file
+            raise ModelDirError(f"Could not read {self.model_dir / 'tokenizer.json'} ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:200]}). {MODEL_DIR_HELP}") from e
         self.tokenizer.no_padding()  # each batch is padded below, to its own longest text
         self.tokenizer.enable_truncation(self.max_length)
         pad = _token(tok_config.get("pad_token")) or "[PAD]"
@@ -214,7 +227,12 @@ class OnnxPredictor(BasePredictor):
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(self.onnx_file), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.onnx_file), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # a truncated file, a Git LFS pointer, a graph from an incompatible exporter
+            raise ModelDirError(f"Could not load {self.onnx_file} ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:200]}). Run `dvc repro` (or `dvc pull`) to rebuild "
+                                f"the ONNX export, or choose the backend `torch`.") from e
         self.input_names = [i.name for i in self.session.get_inputs()]
         unknown = set(self.input_names) - {"input_ids", "attention_mask", "token_type_ids"}
         if unknown:
@@ -246,7 +264,7 @@ class OnnxPredictor(BasePredictor):
             logits[idx] = self.session.run(None, self._feed([encodings[i] for i in idx]))[0]
         return logits
 
-# %% ../nbs/04a_predict.ipynb #f988af63
+# %% ../nbs/04a_predict.ipynb #613e1ea7
 SPEED_ORDER = ("onnx-int8", "onnx", "torch")  # fastest first, on a CPU at batch 1 (bench/backends.py)
 
 
@@ -258,7 +276,27 @@ def _has_onnxruntime() -> bool:
 
 def recorded_backends(model_dir: str | os.PathLike) -> dict:
     "The per-backend test scores that the pipeline recorded in `model_dir`/metrics.json (`{}` when there are none)."
-    return _read_json(Path(model_dir) / "metrics.json").get("backends", {})
+    path = Path(model_dir) / "metrics.json"
+    scores = _read_json(path).get("backends", {})
+    if not isinstance(scores, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("accuracy"), (int, float)) for v in scores.values()):
+        raise ModelDirError(f"{path}: `backends` should map each backend to its test scores, like "
+                            f'{{"torch": {{"accuracy": 0.85}}}}, not {json_preview(scores)}. {MODEL_DIR_HELP}')
+    return scores
+
+
+def json_preview(value, limit: int = 80) -> str:
+    import json
+
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def auto_device() -> str:
+    "What `device='auto'` means: `pick_device()` where torch is installed, `cpu` where it is not (ONNX only)."
+    import importlib.util
+
+    return pick_device() if importlib.util.find_spec("torch") else "cpu"
 
 
 def select_backend(model_dir: str | os.PathLike, backend: str = "auto", max_accuracy_drop: float = 0.5,
@@ -268,9 +306,14 @@ def select_backend(model_dir: str | os.PathLike, backend: str = "auto", max_accu
         raise ValueError(f"Unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}.")
     if backend != "auto":
         if backend in ONNX_FILES:
+            if device not in ("cpu", "auto"):
+                raise ValueError(f"Backend {backend!r} runs on the CPU, not on {device!r}: pass --device cpu, "
+                                 f"or choose the backend `torch`.")
             onnx_file(model_dir, backend)
         return backend, "asked for"
-    if device not in ("cpu", "auto"):
+    if device == "auto":  # a GPU, where there is one, runs torch
+        device = auto_device()
+    if device != "cpu":
         return "torch", f"the device is {device}; the ONNX backends run on the CPU"
     scores = recorded_backends(model_dir)
     if "torch" not in scores:
@@ -309,8 +352,13 @@ def load_predictor(model_dir: str | os.PathLike, backend: str = "auto", device: 
     p.backend_reason = reason
     return p
 
-# %% ../nbs/04a_predict.ipynb #542f7e41
-_PREDICTORS: dict[tuple, BasePredictor] = {}
+# %% ../nbs/04a_predict.ipynb #b1e88bb8
+_PREDICTORS: dict[tuple, tuple[tuple, BasePredictor]] = {}  # (folder, backend, device) -> (files' stamp, predictor)
+
+
+def files_stamp(folder: str | os.PathLike) -> tuple:
+    "Each file under `folder` with the time it last changed: it differs once anything there is rewritten."
+    return tuple(sorted((str(f), f.stat().st_mtime_ns) for f in Path(folder).rglob("*") if f.is_file()))
 
 
 def predict(texts, model_dir: str | os.PathLike = "model", batch_size: int = 32, device: str = "auto",
@@ -319,6 +367,7 @@ def predict(texts, model_dir: str | os.PathLike = "model", batch_size: int = 32,
     folder = str(check_model_dir(model_dir))
     chosen, _ = select_backend(folder, backend, max_accuracy_drop, device)
     key = (folder, chosen, pick_device(device) if chosen == "torch" else "cpu")
-    if key not in _PREDICTORS:
-        _PREDICTORS[key] = load_predictor(folder, chosen, device=key[2], batch_size=batch_size)
-    return _PREDICTORS[key].predict(texts, batch_size=batch_size)
+    stamp = files_stamp(folder)
+    if key not in _PREDICTORS or _PREDICTORS[key][0] != stamp:
+        _PREDICTORS[key] = (stamp, load_predictor(folder, chosen, device=key[2], batch_size=batch_size))
+    return _PREDICTORS[key][1].predict(texts, batch_size=batch_size)

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import MIXED_TEXTS, TEST_METRICS, backend_scores, export_with_onnx, fixture_texts
+from helpers import MIXED_TEXTS, TEST_METRICS, backend_scores, build_tiny_model, export_with_onnx, fixture_texts
 
 from sentiment_nb.onnx_export import FP32_ATOL, OnnxExportError, check_onnx, write_onnx
 from sentiment_nb.predict import (
@@ -70,9 +70,11 @@ def test_int8_graph_answers_in_the_same_shape(tiny_model_dir, onnx_dir):
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in res)
 
 
-def test_check_fails_when_fp32_is_off(tiny_model_dir, onnx_dir):
+def test_check_fails_when_the_graph_is_of_another_model(tiny_model_dir, onnx_dir, tmp_path):
+    other = build_tiny_model(tmp_path / "other", seed=1)  # the same tokenizer, other weights
     with pytest.raises(OnnxExportError, match="differ from PyTorch's"):
-        check_onnx(tiny_model_dir, onnx_dir, TEXTS, atol=-1.0)
+        check_onnx(other, onnx_dir, TEXTS)
+    check_onnx(tiny_model_dir, onnx_dir, TEXTS)  # at the same tolerance, its own model passes
 
 
 def test_export_copies_the_graphs_into_the_model_folder(exported):
@@ -104,6 +106,61 @@ def test_auto_is_torch_without_recorded_scores_or_on_a_gpu(exported, tiny_model_
     assert select_backend(tiny_model_dir, "auto") == ("torch", f"{tiny_model_dir / 'metrics.json'} records no "
                                                                "per-backend scores")
     assert select_backend(exported, "auto", device="cuda")[0] == "torch"
+
+
+def test_auto_device_means_torch_where_torch_finds_a_gpu(exported, monkeypatch):
+    import torch
+
+    from sentiment_nb import predict as mod
+
+    here = "torch" if torch.cuda.is_available() or torch.backends.mps.is_available() else "onnx-int8"
+    assert select_backend(exported, "auto", device="auto")[0] == here
+    monkeypatch.setattr(mod, "pick_device", lambda prefer="auto": "cuda")
+    assert select_backend(exported, "auto", device="auto") == ("torch", "the device is cuda; the ONNX backends run "
+                                                                        "on the CPU")
+
+
+def test_an_onnx_backend_refuses_a_gpu_device(exported, capsys):
+    from sentiment_nb.cli import main
+
+    with pytest.raises(ValueError, match="runs on the CPU, not on 'cuda': pass --device cpu"):
+        select_backend(exported, "onnx-int8", device="cuda")
+    assert main(["predict", "fine", "--model", str(exported), "--backend", "onnx", "--device", "cuda"]) == 2
+    assert "Backend 'onnx' runs on the CPU, not on 'cuda'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("file, content, words", [
+    ("onnx/model.onnx", b"version https://git-lfs.github.com/spec/v1\noid sha256:0\n", "Could not load"),
+    ("onnx/model.onnx", b"", "Could not load"),
+    ("tokenizer.json", b'{"version": "1.0", "truncation"', "Could not read"),
+])
+def test_a_broken_model_file_is_named(exported, tmp_path, file, content, words):
+    d = shutil.copytree(exported, tmp_path / "model").resolve()
+    (d / file).write_bytes(content)
+    with pytest.raises(ModelDirError) as e:
+        OnnxPredictor(d, "onnx")
+    assert f"{words} {d / file}" in str(e.value), e.value
+
+
+@pytest.mark.parametrize("content, words", [
+    ('{"accuracy": 0.85, "backends": ', "metrics.json is not valid JSON"),
+    ("[0.85]", "metrics.json holds a JSON list, not an object"),
+    ('{"backends": {"torch": 0.85}}', 'metrics.json: `backends` should map each backend to its test scores'),
+    ('{"backends": [0.85]}', "`backends` should map each backend"),
+])
+def test_a_broken_metrics_file_is_named(exported, tmp_path, capsys, smoke_params_file, content, words):
+    from sentiment_nb.cli import main
+    from sentiment_nb.serve import build_app
+
+    d = shutil.copytree(exported, tmp_path / "model")
+    (d / "metrics.json").write_text(content)
+    with pytest.raises(ModelDirError, match=words.replace("[", r"\[")):
+        select_backend(d, "auto")
+    assert main(["predict", "fine", "--model", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert f"{d / 'metrics.json'}" in err and words in err and "dvc repro" in err
+    with pytest.raises(ModelDirError, match="metrics.json"):  # before Ray starts
+        build_app({"params": str(smoke_params_file), "model": str(d), "backend": "auto"})
 
 
 def test_auto_is_torch_where_onnxruntime_is_not_installed(exported, monkeypatch):

@@ -98,6 +98,17 @@ def test_predict_caches_one_predictor(tiny_model_dir):
     assert a[0]["probabilities"] == pytest.approx(b[0]["probabilities"], abs=1e-5)
 
 
+def test_predict_loads_the_model_again_once_its_folder_is_rewritten(tiny_model_dir, tmp_path):
+    from helpers import build_tiny_model
+
+    d = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    before = [r["score"] for r in predict(TEXTS, model_dir=d, device="cpu")]
+    build_tiny_model(d, seed=1)  # a new export into the same folder
+    after = [r["score"] for r in predict(TEXTS, model_dir=d, device="cpu")]
+    assert after == pytest.approx([r["score"] for r in Predictor(d, device="cpu").predict(TEXTS)], abs=1e-7)
+    assert after != pytest.approx(before, abs=1e-6)
+
+
 @pytest.mark.parametrize("texts, message", [
     ([], "No texts given"),
     (["fine", 3], "Text 1 is int"),
