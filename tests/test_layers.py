@@ -22,19 +22,25 @@ ALLOWED = {
 }
 
 
+MODULES = {p.stem for p in LIBRARY.glob("*.py")}
+
+
 def imported_modules(path: Path) -> set[str]:
     "The modules of the package that `path` imports anywhere in its code (the package root, for __version__, aside)."
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             name = node.module or ""
-            if node.level:  # from .config import ...
-                found.add(name.split(".")[0])
-            elif name.startswith("sentiment_nb."):
-                found.add(name.split(".")[1])
+            if not (node.level or name == "sentiment_nb" or name.startswith("sentiment_nb.")):
+                continue
+            inner = name if node.level else name.removeprefix("sentiment_nb").lstrip(".")
+            if inner:  # from .config import ... / from sentiment_nb.config import ...
+                found.add(inner.split(".")[0])
+            else:  # from . import serve / from sentiment_nb import serve
+                found |= {a.name for a in node.names if a.name in MODULES}
         elif isinstance(node, ast.Import):
             found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("sentiment_nb.")}
-    return found - {""}
+    return found
 
 
 def test_every_module_has_a_layer():
@@ -48,5 +54,7 @@ def test_module_imports_only_the_layers_below_it(module):
 
 def test_the_check_can_fail(tmp_path):
     f = tmp_path / "m.py"
-    f.write_text("def f():\n    from sentiment_nb.train import fit\n    from .data import load_splits\n")
-    assert imported_modules(f) == {"train", "data"}
+    f.write_text("def f():\n    from sentiment_nb.train import fit\n    from .data import load_splits\n"
+                 "    from sentiment_nb import evaluate, __version__\n    from . import serve\n"
+                 "    import sentiment_nb.export as ex\n")
+    assert imported_modules(f) == {"train", "data", "evaluate", "serve", "export"}
