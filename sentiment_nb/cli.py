@@ -128,14 +128,19 @@ def serve_settings(args):
             return Settings(load_params(Path(d) / "params.yaml", over).params, Path.cwd())  # relative to here
     return load_params(file, over)
 
-# %% ../nbs/06_cli.ipynb #f8530e04
+# %% ../nbs/06_cli.ipynb #ed7d508a
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def _install_signal_handlers() -> dict:
-    "Make SIGINT and SIGTERM raise `KeyboardInterrupt`; the previous handlers, to restore."
-    return {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+def _still_stopping(signum, frame):
+    print(f"sentiment-nb: {signal.Signals(signum).name} ignored: still stopping Ray Serve, wait for `Stopped.` "
+          "(SIGKILL would leave Ray's processes behind).", file=sys.stderr, flush=True)
+
+
+def _install_signal_handlers(handler=_interrupt) -> dict:
+    "Make SIGINT and SIGTERM call `handler` (by default: raise `KeyboardInterrupt`); the previous handlers, to restore."
+    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 def cmd_serve(args) -> int:
@@ -162,6 +167,7 @@ def cmd_serve(args) -> int:
     except KeyboardInterrupt as e:
         print(f"Stopping ({e or 'SIGINT'})...", file=sys.stderr, flush=True)
     finally:
+        _install_signal_handlers(_still_stopping)
         stop_server()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -89,6 +89,32 @@ def test_serve_on_a_taken_port_exits_2_with_one_clear_line(capsys, tiny_model_di
     assert err.startswith(f"sentiment-nb: error: Cannot listen on 127.0.0.1:{port}") and err.count("\n") == 1, err
 
 
+def test_a_second_signal_while_stopping_does_not_cut_the_shutdown_short(capsys, monkeypatch, tiny_model_dir):
+    import os
+    import signal
+
+    from sentiment_nb import serve
+
+    stopped = []
+
+    def stop_server():  # `docker stop` and another Ctrl-C arrive while Ray shuts down
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        stopped.append("done")
+
+    monkeypatch.setattr(serve, "start_server", lambda settings, **kw: "http://127.0.0.1:9")
+    monkeypatch.setattr(serve, "stop_server", stop_server)
+    monkeypatch.setattr(serve, "log_dir", lambda: "/nowhere")
+    monkeypatch.setattr(serve, "metrics_url", lambda: "http://127.0.0.1:9/metrics")
+    monkeypatch.setattr(signal, "pause", lambda: os.kill(os.getpid(), signal.SIGINT))  # the first Ctrl-C
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    code, out, err = run(capsys, "serve", "--model", str(tiny_model_dir))
+    assert code == 0 and stopped == ["done"], err
+    assert "Stopping (SIGINT)" in err and "SIGTERM ignored: still stopping" in err and "SIGINT ignored" in err
+    assert err.rstrip().endswith("Stopped.")
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 @pytest.mark.parametrize("argv", [["predict"], ["predict", "x", "--batch-size", "0"], ["serve", "--port", "70000"],
                                   ["serve", "--replicas", "many"], ["frobnicate"]])
 def test_bad_options_exit_2(capsys, argv):
