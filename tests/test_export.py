@@ -87,9 +87,28 @@ def test_an_export_that_cannot_load_keeps_the_previous_one(project):
     first = write_export(project)
     weights = (first / "model.safetensors").read_bytes()
     (project.path("best_model") / "model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(Exception):  # noqa: B017 (whatever transformers raises for broken weights)
+    with pytest.raises(ExportError, match="Could not load the trained model in .*Run `dvc repro train` again"):
         write_export(project)
     assert (first / "model.safetensors").read_bytes() == weights
+
+
+def test_an_interrupted_export_keeps_the_previous_one_whole(project, monkeypatch):
+    from sentiment_nb import export
+
+    first = write_export(project)
+    files = {f.name: f.read_bytes() for f in first.iterdir() if f.is_file()}
+    assert {"model.safetensors", "metrics.json", "README.md"} <= set(files)
+
+    def interrupted(*args, **kwargs):  # Ctrl-C after the weights are written, before the card
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "model_card", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_export(project)
+    assert {f.name: f.read_bytes() for f in first.iterdir() if f.is_file()} == files
+    assert sorted(p.name for p in first.parent.iterdir() if p.name.startswith(".model.")) == []
+    monkeypatch.undo()
+    assert write_export(project) == first  # and the next export goes through
 
 
 def test_the_card_leaves_out_where_training_ran(tmp_path, project):
