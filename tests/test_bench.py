@@ -98,3 +98,19 @@ def test_weight_layout_bench_times_both_layouts(tiny_model_dir, tmp_path):
     for r in rows:
         assert r["row_major_ms"] > 0 and r["column_major_ms"] > 0
         assert r["speedup"] == pytest.approx(r["row_major_ms"] / r["column_major_ms"], rel=1e-2)
+
+
+def test_backends_bench_measures_a_backend_in_its_own_process(tiny_model_dir, tmp_path):
+    out = tmp_path / "backends.json"
+    p = subprocess.run([sys.executable, str(BENCH.parent / "backends.py"), "--model", str(tiny_model_dir),
+                        "--data", str(FIXTURE_DATA / "test.jsonl"), "--backends", "torch", "--batch-sizes", "1", "4",
+                        "--limit", "12", "--batch1-limit", "6", "--no-serve", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    [row] = json.loads(out.read_text())["backends"]
+    assert "error" not in row, row
+    assert row["backend"] == "torch" and row["torch_imported"] is True and row["sentences"] == 12
+    assert row["sent_per_s_b1"] > 0 and row["sent_per_s_b4"] > 0 and 0 < row["p50_ms_b1"] <= row["p95_ms_b1"]
+    p = subprocess.run([sys.executable, str(BENCH.parent / "backends.py"), "--model", str(tiny_model_dir),
+                        "--backends", "onnx", "--no-serve"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "has no ONNX export" in p.stderr, p.stderr[-2000:]
