@@ -115,6 +115,15 @@ def test_default_dvc_remote_is_a_local_folder_outside_the_working_tree():
     assert REPO not in url.parents
 
 
+def test_what_a_resumed_train_continues_survives_the_rerun():
+    "DVC deletes a stage's outputs before it reruns it, unless they persist: the checkpoints and the curves must."
+    train = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
+    entries = {k: v for section in ("outs", "metrics", "plots") for o in train.get(section, [])
+               if isinstance(o, dict) for k, v in o.items()}
+    for path in ("${paths.checkpoints}", "${paths.train_live}/metrics.json", "${paths.train_live}/plots/metrics"):
+        assert entries.get(path, {}).get("persist") is True, path
+
+
 def test_everything_needed_to_serve_or_resume_is_a_dvc_out():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     outs = {next(iter(o)) if isinstance(o, dict) else o for st in stages.values() for o in st.get("outs", [])}

@@ -1,5 +1,6 @@
 """The `train` stage's library: precision, resuming an interrupted run, determinism on CPU."""
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -51,6 +52,44 @@ def test_interrupted_run_resumes_from_its_checkpoint(settings):
     # a finished run leaves nothing to resume: a forced rerun starts over
     assert not list(settings.path("checkpoints").glob("checkpoint-*"))
     assert train(settings)["resumed_from"] is None
+
+
+class InterruptAfterCheckpoint(TrainerCallback):
+    "Kill the run some logs after its first checkpoint: it has logged steps that the resume will redo."
+    saved, logs_after = None, 0
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saved = self.saved or state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # runs before dvclive's own on_log
+        if self.saved and state.global_step > self.saved and "loss" in (logs or {}):
+            self.logs_after += 1
+            if self.logs_after == 2:  # dvclive has logged the first one
+                raise KeyboardInterrupt
+
+
+def test_a_resumed_run_logs_each_step_once(settings):
+    kill = InterruptAfterCheckpoint()
+    with pytest.raises(KeyboardInterrupt):
+        train(settings, callbacks=[kill])
+    assert max(logged_steps(settings)) > kill.saved  # logged past the checkpoint it will resume from
+    before = logged_steps(settings)
+    assert train(settings)["resumed_from"] == f"checkpoint-{kill.saved}"
+    after = logged_steps(settings)
+    assert after == sorted(set(after)), after  # no step twice
+    assert after[:len([s for s in before if s <= kill.saved])] == [s for s in before if s <= kill.saved]
+    assert max(after) > max(before)
+
+
+def test_a_checkpoint_cut_off_while_saving_is_not_resumed(settings):
+    with pytest.raises(KeyboardInterrupt):
+        train(settings, callbacks=[Interrupt()])
+    [done] = sorted(settings.path("checkpoints").glob("checkpoint-*"))
+    cut = settings.path("checkpoints") / f"checkpoint-{int(done.name.split('-')[1]) + 4}"
+    shutil.copytree(done, cut)
+    (cut / "trainer_state.json").unlink()  # the Trainer writes it last
+    summary = train(settings)
+    assert summary["resumed_from"] == done.name and summary["global_step"] > int(cut.name.split("-")[1])
 
 
 def test_other_settings_do_not_resume_a_checkpoint(settings, tmp_path, tiny_model_dir):
