@@ -73,9 +73,15 @@ def export_with_onnx(model_dir: Path, onnx_dir: Path, root: Path) -> Path:
     return write_export(load_params(root / "params.yaml"), onnx=True)
 
 
+def committed_params_text() -> str:
+    "params.yaml as committed: `dvc exp run -S` writes its overrides into the workspace copy."
+    shown = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=REPO, capture_output=True, text=True)
+    return shown.stdout if shown.returncode == 0 else (REPO / "params.yaml").read_text()
+
+
 def smoke_params(data_dir: Path, checkpoint: Path, **sections) -> dict:
     """A params file that runs the whole pipeline in seconds on the fixtures."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = yaml.safe_load(committed_params_text())
     params["data"].update(source=str(data_dir), max_length=32, limit=None)
     params["model"]["checkpoint"] = str(checkpoint)
     params["train"].update(batch_size=8, eval_batch_size=16, epochs=4, learning_rate=1e-3, warmup_ratio=0.0,

@@ -2,17 +2,19 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
+from helpers import committed_params_text
 
 from sentiment_nb.config import PARAMS_ENV, LRScheduler, ParamsError, find_params_file, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_committed_params_file_is_valid():
-    s = load_params(REPO / "params.yaml")
+def test_committed_params_file_is_valid(tmp_path):
+    assert load_params(REPO / "params.yaml").root == REPO  # the workspace copy, maybe with `dvc exp run -S` values
+    (tmp_path / "params.yaml").write_text(committed_params_text())
+    s = load_params(tmp_path / "params.yaml")
     assert s.model.checkpoint == "distilbert-base-uncased"
     assert s.data.source == "rotten_tomatoes"
-    assert s.root == REPO
 
 
 @pytest.mark.parametrize("body, expected", [
