@@ -2,7 +2,7 @@
 #
 #   dvc repro export                      # or `dvc pull`: model/ must exist before the build
 #   docker build -t sentiment-nb .
-#   docker run --rm -p 8000:8000 --shm-size=1g sentiment-nb   # `docker stop` ends it cleanly within its 10 s
+#   docker run --rm -p 8000:8000 --shm-size=1g --stop-timeout 30 sentiment-nb   # a clean stop takes 6-9 s
 #
 # For a GPU image, take PyTorch from a CUDA index and run with `--gpus all` and serve.num_gpus > 0:
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t sentiment-nb:cuda .
