@@ -174,7 +174,7 @@ def _explain(err: ValidationError, source: str) -> ParamsError:
             lines.append(f"`{key}` = {e.get('input')!r}: {e['msg']}.")
     return ParamsError(f"Invalid settings in {source}:\n  " + "\n  ".join(lines))
 
-# %% ../nbs/00_config.ipynb #706b645b
+# %% ../nbs/00_config.ipynb #7ef4c7c5
 PARAMS_ENV = "SENTIMENT_NB_PARAMS"
 
 
@@ -184,6 +184,9 @@ def find_params_file(path: str | os.PathLike | None = None) -> Path:
         path = os.environ.get(PARAMS_ENV) or None
     if path is not None:
         path = Path(path).expanduser()
+        if path.is_dir():
+            hint = f" Did you mean {str(path / 'params.yaml')!r}?" if (path / "params.yaml").is_file() else ""
+            raise ParamsError(f"Params file {str(path)!r} is a folder. Pass a YAML file.{hint}")
         if not path.is_file():
             raise ParamsError(f"Params file {str(path)!r} does not exist. Pass an existing YAML file.")
         return path.resolve()

@@ -82,6 +82,10 @@ def test_params_file_lookup_order(tmp_path, monkeypatch):
     assert find_params_file(tmp_path / "params.yaml") == tmp_path / "params.yaml"  # an explicit path wins
     with pytest.raises(ParamsError, match="does not exist"):
         find_params_file(tmp_path / "missing.yaml")
+    with pytest.raises(ParamsError, match=f"is a folder. Pass a YAML file. Did you mean '{tmp_path / 'params.yaml'}'"):
+        find_params_file(tmp_path)
+    with pytest.raises(ParamsError, match=r"'\.' is a folder\. Pass a YAML file\.$"):  # the cwd, `a`, has none
+        find_params_file(".")
 
 
 def test_paths_are_relative_to_the_params_file(tmp_path):
