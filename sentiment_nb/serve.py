@@ -105,7 +105,7 @@ def request_texts(req: PredictRequest, max_chars: int, max_texts: int) -> list[s
                                f"are allowed.")
     return texts
 
-# %% ../nbs/05_serve.ipynb #0659f060
+# %% ../nbs/05_serve.ipynb #ae3ae51d
 def _where(loc) -> str:
     parts = [str(p) for p in loc if p != "body"]
     return "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in parts).lstrip(".") or "body"
@@ -116,6 +116,9 @@ def validation_error(errors: list[dict]) -> tuple[int, dict]:
     if any(e.get("type") == "json_invalid" for e in errors):
         e = next(e for e in errors if e.get("type") == "json_invalid")
         msg = (e.get("ctx") or {}).get("error", e.get("msg", "invalid JSON"))
+        loc = tuple(e.get("loc", ()))
+        if len(loc) == 2 and isinstance(loc[1], int):  # FastAPI puts the character's position there
+            msg = f"{msg}, at character {loc[1]}"
         return 400, {"error": "malformed_json", "detail": f"The body is not valid JSON ({msg}). Send "
                      f'{{"text": "a sentence"}} or {{"texts": ["one", "two"]}}.'}
     lines = []
@@ -125,6 +128,8 @@ def validation_error(errors: list[dict]) -> tuple[int, dict]:
             msg = 'no JSON body: send {"text": "a sentence"} or {"texts": ["one", "two"]}'
         elif e.get("type") in ("model_attributes_type", "dict_type") and tuple(e.get("loc", ())) == ("body",):
             msg = f"{msg}: send a JSON object with the header Content-Type: application/json"  # e.g. curl's form default
+        elif e.get("type") == "extra_forbidden":
+            msg = f"{msg}: the fields are `text` (one sentence) or `texts` (a list of sentences)"
         lines.append(f"{_where(e.get('loc', ()))}: {msg}")
     simple = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg")), "type": str(e.get("type"))}
               for e in errors]

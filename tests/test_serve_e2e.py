@@ -133,10 +133,12 @@ def test_texts_give_predictions_in_input_order(server, tiny_model_dir):
 
 
 BAD = [
-    ("malformed JSON", {"content": b'{"text": "unclosed', "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ("malformed JSON", {"content": b'{"text": "unclosed', "headers": {"content-type": "application/json"}}, 400,
+     "not valid JSON (Unterminated string starting at, at character 9)"),
     ("no body", {"content": b"", "headers": {"content-type": "application/json"}}, 422, "no JSON body"),
     ("missing field", {"json": {}}, 422, "exactly one of `text`"),
-    ("misspelled field", {"json": {"txt": "a fine film"}}, 422, "txt"),
+    ("misspelled field", {"json": {"txt": "a fine film"}}, 422, "txt: Extra inputs are not permitted: the fields are "
+                                                                "`text` (one sentence) or `texts`"),
     ("both fields", {"json": {"text": "a", "texts": ["b"]}}, 422, "got both"),
     ("number for text", {"json": {"text": 42}}, 422, "text: Input should be a valid string"),
     ("number in texts", {"json": {"texts": ["ok", 7]}}, 422, "texts[1]: Input should be a valid string"),
