@@ -29,7 +29,7 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 # Only the serving stack: the training tools (dvc, datasets, papermill...) stay out of the image.
 RUN pip install "ray[serve]>=2.60" "transformers>=5.0,<6" tokenizers safetensors onnxruntime numpy pyyaml "pydantic>=2" \
-        fastapi uvicorn httpx
+        fastapi fastapi-offline uvicorn httpx
 
 COPY settings.ini setup.py pyproject.toml README.md ./
 COPY sentiment_nb/ sentiment_nb/

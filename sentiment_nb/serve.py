@@ -14,7 +14,7 @@ __all__ = ['logger', 'HTTP_ERROR_KINDS', 'MAX_BUSY_WAIT_S', 'BATCH_FIELDS', 'ING
            'port_in_use', 'free_port', 'PortInUseError', 'check_port_free', 'haproxy_env', 'wait_healthy',
            'start_server', 'metrics_url', 'log_dir', 'request_records', 'stop_server']
 
-# %% ../nbs/05_serve.ipynb #db7c2807
+# %% ../nbs/05_serve.ipynb #48a7a3e9
 import asyncio
 import json
 import logging
@@ -28,9 +28,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -372,10 +373,10 @@ class BodySizeLimit:
 
         await self.app(scope, counted_receive, send)
 
-# %% ../nbs/05_serve.ipynb #74e3ae8e
-app = FastAPI(title="sentiment_nb", version=__version__,
-              description="Classify movie-review sentences as negative or positive. "
-                          "`POST /predict` with `{\"text\": ...}` or `{\"texts\": [...]}`.")
+# %% ../nbs/05_serve.ipynb #932ce41b
+app = FastAPIOffline(title="sentiment_nb", version=__version__,
+                     description="Classify movie-review sentences as negative or positive. "
+                                 "`POST /predict` with `{\"text\": ...}` or `{\"texts\": [...]}`.")
 _body_limit: dict[str, int | None] = {"bytes": None}  # set by the ingress replica of this process
 app.add_middleware(BodySizeLimit, limit_bytes=lambda: _body_limit["bytes"])
 

@@ -211,7 +211,11 @@ def test_openapi_documents_the_contract(server):
     schemas = spec["components"]["schemas"]
     assert {"PredictRequest", "Prediction", "BatchPrediction", "ErrorResponse"} <= set(schemas)
     assert set(spec["paths"]["/predict"]["post"]["responses"]) >= {"200", "413", "422", "503"}
-    assert httpx.get(server.url + "/docs").status_code == 200
+    docs = httpx.get(server.url + "/docs")
+    assert docs.status_code == 200 and "cdn." not in docs.text  # no CDN: the page works offline
+    script = docs.text.split('<script src="')[1].split('"')[0]
+    js = httpx.get(server.url + script)
+    assert js.status_code == 200 and "SwaggerUIBundle" in js.text
 
 
 def test_overload_gets_503_and_the_server_recovers(server):
@@ -395,6 +399,17 @@ def test_page_classifies_a_typed_sentence(server, browser):
     assert shown == post(server, {"text": TEXTS[0]}).json()["label"]
     rows = browser.find_elements(By.CSS_SELECTOR, "#probs .row")
     assert [r.find_element(By.CLASS_NAME, "name").text for r in rows] == ["negative", "positive"]
+
+
+def test_docs_page_renders_the_api_without_internet_access(server, browser):
+    "The test machine reaches no CDN: Swagger UI renders only from files the server itself serves."
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + "/docs")
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
+    paths = {e.text.strip() for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/predict", "/healthz"} <= paths, paths
 
 
 def test_page_shows_the_error_of_a_blank_sentence(server, browser):
