@@ -15,10 +15,10 @@ from pathlib import Path
 from . import __version__
 
 # %% auto #0
-__all__ = ['BACKEND_CHOICES', 'EXIT_USAGE', 'build_parser', 'read_texts', 'cmd_predict', 'serve_settings', 'cmd_serve',
-           'cmd_info', 'main']
+__all__ = ['BACKEND_CHOICES', 'EXIT_USAGE', 'build_parser', 'read_texts', 'default_model_dir', 'cmd_predict', 'serve_settings',
+           'cmd_serve', 'cmd_info', 'main']
 
-# %% ../nbs/06_cli.ipynb #2440574f
+# %% ../nbs/06_cli.ipynb #96171cf1
 def _positive_int(s: str) -> int:
     try:
         n = int(s)
@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="classify sentences and print JSON",
                         description="Classify sentences; print one JSON object for one sentence, a list for several.")
     pr.add_argument("texts", nargs="+", metavar="TEXT", help="sentences to classify; `-` reads one per line from stdin")
-    pr.add_argument("--model", default="model", help="the exported model folder (default: %(default)s)")
+    pr.add_argument("--model", default=None,
+                    help="the exported model folder (default: serve.model of the nearest params.yaml, as `serve` "
+                         "reads it, else ./model)")
     pr.add_argument("--batch-size", type=_positive_int, default=32, help="sentences per forward pass (default: %(default)s)")
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
     pr.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
@@ -85,7 +87,7 @@ def _fail(msg: str) -> int:
     print(f"sentiment-nb: error: {' '.join(str(msg).split())}", file=sys.stderr)
     return EXIT_USAGE
 
-# %% ../nbs/06_cli.ipynb #60607100
+# %% ../nbs/06_cli.ipynb #ff9f52a5
 def read_texts(texts: list[str], stdin=None) -> list[str]:
     "`texts`, or the non-empty lines of `stdin` when `texts` is `['-']`."
     if texts == ["-"]:
@@ -93,12 +95,25 @@ def read_texts(texts: list[str], stdin=None) -> list[str]:
     return list(texts)
 
 
+def default_model_dir() -> Path:
+    "The model folder `predict` reads without `--model`: `serve.model` of the nearest params file, else ./model."
+    from sentiment_nb.config import ParamsError, find_params_file, load_params
+
+    try:
+        file = find_params_file()
+    except ParamsError:  # no params file around: not in a project
+        return Path("model")
+    settings = load_params(file)  # an invalid params file is an error worth seeing
+    return settings.resolve(settings.serve.model)
+
+
 def cmd_predict(args) -> int:
     from sentiment_nb.predict import InputError, ModelDirError, check_model_dir, check_texts, load_predictor
 
     try:
         texts = check_texts(read_texts(args.texts))
-        predictor = load_predictor(check_model_dir(args.model), args.backend, device=args.device,
+        model = args.model if args.model is not None else default_model_dir()
+        predictor = load_predictor(check_model_dir(model), args.backend, device=args.device,
                                    batch_size=args.batch_size)
         results = predictor.predict(texts)
     except (InputError, ModelDirError, ValueError) as e:

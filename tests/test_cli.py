@@ -60,6 +60,23 @@ def incomplete_model(tiny_model_dir, tmp_path) -> Path:
     return d
 
 
+def test_predict_finds_the_model_where_serve_does(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("SENTIMENT_NB_PARAMS")
+    (tmp_path / "params.yaml").write_text("serve:\n  model: out/model\n")
+    shutil.copytree(tiny_model_dir, tmp_path / "out" / "model")
+    (tmp_path / "nbs").mkdir()
+    monkeypatch.chdir(tmp_path / "nbs")  # a folder of the project, as in JupyterLab
+    code, out, err = run(capsys, "predict", SENTENCES[0])
+    assert code == 0, err
+    check_prediction(json.loads(out))
+    (tmp_path / "params.yaml").write_text("serve:\n  modle: out/model\n")
+    code, out, err = run(capsys, "predict", SENTENCES[0])
+    assert code == 2 and "unknown key `serve.modle`" in err, err
+    (tmp_path / "params.yaml").unlink()  # no project around: ./model
+    code, out, err = run(capsys, "predict", SENTENCES[0])
+    assert code == 2 and f"{tmp_path / 'nbs' / 'model'}" in err and "does not exist" in err, err
+
+
 @pytest.mark.parametrize("case, argv, words", [
     ("missing folder", lambda m, t: ["predict", "fine", "--model", str(t / "no_such_model")], "does not exist"),
     ("incomplete folder", lambda m, t: ["predict", "fine", "--model", str(incomplete_model(m, t))], "is incomplete"),
