@@ -80,7 +80,7 @@ def load_metrics(path) -> dict:
         raise ExportError(f"{path} has no {', '.join(missing)}: it is not a metrics file of the `evaluate` stage.")
     return metrics
 
-# %% ../nbs/04_export.ipynb #cee97b63
+# %% ../nbs/04_export.ipynb #7ba041be
 LICENSE = "apache-2.0"
 
 
@@ -100,7 +100,7 @@ def _fmt(v) -> str:
 def card_metadata(settings: Settings, metrics: dict, labels) -> dict:
     "The YAML front matter of the model card."
     ck, src = settings.model.checkpoint, settings.data.source
-    dataset = {"name": _shown(settings, src), "type": _shown(settings, src), "split": "test"}
+    dataset = {"name": src, "type": src, "split": "test"}
     results = [{"type": "accuracy", "value": metrics["accuracy"], "name": "Accuracy"},
                {"type": "f1", "value": metrics["f1"], "name": f"F1 ({labels[1]})"}]
     for name in labels:
@@ -114,9 +114,10 @@ def card_metadata(settings: Settings, metrics: dict, labels) -> dict:
     if _is_hub_id(settings, src):
         meta["datasets"] = [src]
     meta["metrics"] = ["accuracy", "f1", "precision", "recall"]
-    meta["model-index"] = [{"name": "sentiment_nb", "results": [{
-        "task": {"type": "text-classification", "name": "Text Classification"},
-        "dataset": dataset, "metrics": results}]}]
+    if _is_hub_id(settings, src):  # the Hub reads `dataset.type` as a dataset id: a local folder has none
+        meta["model-index"] = [{"name": "sentiment_nb", "results": [{
+            "task": {"type": "text-classification", "name": "Text Classification"},
+            "dataset": dataset, "metrics": results}]}]
     return meta
 
 
