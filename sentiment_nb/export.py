@@ -190,7 +190,7 @@ Trained on short English movie-review sentences: expect lower accuracy on other 
 texts (cut at {d.max_length} tokens), on sarcasm, and on other languages.
 """
 
-# %% ../nbs/04_export.ipynb #f114ddc6
+# %% ../nbs/04_export.ipynb #d7310f10
 def read_card_metadata(text: str) -> dict:
     "The YAML front matter of a model card's `text`."
     if not text.startswith("---\n"):
@@ -210,12 +210,16 @@ def copy_onnx(onnx_dir, out_dir) -> list[Path]:
 
 def replace_folder(new: Path, out: Path) -> Path:
     "Put the finished folder `new` at `out`, in place of whatever was there, by renames on the same disk."
-    old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
-    if old is not None:
-        out.rename(old)
-    new.rename(out)
-    if old is not None:
-        shutil.rmtree(old)
+    if not out.exists():
+        return new.rename(out)
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    out.rename(old)  # onto an empty folder, which rename replaces
+    try:
+        new.rename(out)
+    except BaseException:
+        old.rename(out)  # put the previous export back
+        raise
+    shutil.rmtree(old)
     return out
 
 
@@ -232,6 +236,9 @@ def write_export(settings: Settings, onnx: bool | None = None) -> Path:
         raise ExportError(f"`paths.best_model` and `paths.model` are the same folder ({out}).")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # as a folder made by mkdir, not mkdtemp's owner-only 0700
     try:
         export_model(settings.path("best_model"), staging)
         if onnx:

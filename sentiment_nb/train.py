@@ -123,7 +123,7 @@ def load_model(checkpoint: str):
     model.accepts_loss_kwargs = False
     return model
 
-# %% ../nbs/02_train.ipynb #04b35d8f
+# %% ../nbs/02_train.ipynb #b04e902d
 FINGERPRINT_FILE = "fingerprint.json"
 
 
@@ -156,7 +156,8 @@ def resumable_checkpoint(folder: str | Path, fingerprint: str) -> str | None:
     last = None
     if same_run:
         complete = complete_checkpoints(folder)
-        for d in sorted(set(folder.glob("checkpoint-*")) - set(complete.values())):
+        started = {d for d in folder.glob("checkpoint-*") if d.is_dir() and d.name.removeprefix("checkpoint-").isdigit()}
+        for d in sorted(started - set(complete.values())):
             logger.warning("Deleting %s: the run stopped while it was being saved.", d)
             shutil.rmtree(d)
         last = str(complete[max(complete)]) if complete else None
@@ -175,7 +176,7 @@ def mark_complete(folder: str | Path) -> None:
     stamp = folder / FINGERPRINT_FILE
     stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "complete": True}) + "\n")
 
-# %% ../nbs/02_train.ipynb #9e5647b3
+# %% ../nbs/02_train.ipynb #7fe6f01f
 class DVCLiveStepCallback(DVCLiveCallback):
     "`DVCLiveCallback` that logs the curves worth plotting at the training step, and leaves `Live` open at the end."
 
@@ -198,11 +199,19 @@ class DVCLiveStepCallback(DVCLiveCallback):
 
 
 def trim_curves(folder: str | Path, step: int) -> None:
-    "Drop the rows after `step` from the dvclive curves (`plots/metrics/**/*.tsv`) in `folder`."
+    "Drop the rows after `step` from the dvclive curves (`plots/metrics/**/*.tsv`) in `folder`, and any cut-off row."
     for tsv in Path(folder, "plots", "metrics").rglob("*.tsv"):
-        header, *rows = tsv.read_text().splitlines(keepends=True)
-        col = header.rstrip("\n").split("\t").index("step")
-        tsv.write_text(header + "".join(r for r in rows if int(r.split("\t")[col]) <= step))
+        header, *rows = tsv.read_text().splitlines(keepends=True) or [""]
+        names = header.rstrip("\n").split("\t")
+        if "step" not in names:  # empty or cut off while its header was written
+            tsv.unlink()
+            continue
+        col, keep = names.index("step"), []
+        for r in rows:
+            cells = r.rstrip("\n").split("\t")
+            if r.endswith("\n") and len(cells) == len(names) and cells[col].isdigit() and int(cells[col]) <= step:
+                keep.append(r)
+        tsv.write_text(header + "".join(keep))
 
 
 def open_live(folder: str | Path, resume_step: int | None = None):
@@ -352,7 +361,7 @@ def run_storage(settings: Settings) -> tuple[str, bool]:
         return tempfile.mkdtemp(prefix="sentiment-nb-ray-storage-"), True
     return (p if "://" in p else str(settings.resolve(p))), False
 
-# %% ../nbs/02_train.ipynb #0d3d6dec
+# %% ../nbs/02_train.ipynb #396f476f
 def _copy(src: str, src_fs, dst: str, dst_fs) -> None:
     import pyarrow.fs
 
@@ -372,9 +381,10 @@ def stage_inputs(settings: Settings, resume_from: str | None, fs, stage_path: st
         if not Path(model).is_dir():
             raise DataError(f"Model folder {model!r} does not exist. Set `model.checkpoint` to a Hub id or a local folder.")
         sources["base_model"] = [Path(model)]
-    if resume_from:  # the checkpoints (the best one too, for load_best_model_at_end) and the curves so far
+    if resume_from:  # the checkpoints, the best one too, for load_best_model_at_end
+        # Not the curves: a failed Ray run brings back its checkpoints, not rank 0's curves, so the local ones
+        # are the last finished run's. The resumed run's curves start at the checkpoint's step.
         sources["checkpoints"] = sorted(settings.path("checkpoints").glob("checkpoint-*"))
-        sources["train_live"] = [settings.path("train_live")]
     staged = []
     for name, folders in sources.items():
         for src in filter(Path.is_dir, folders):

@@ -111,6 +111,37 @@ def test_an_interrupted_export_keeps_the_previous_one_whole(project, monkeypatch
     assert write_export(project) == first  # and the next export goes through
 
 
+def test_an_export_is_readable_as_a_folder_made_by_mkdir(project):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        out = write_export(project)
+    finally:
+        os.umask(umask)
+    assert oct(out.stat().st_mode & 0o777) == oct(0o755)  # not mkdtemp's 0700: other users and containers read it
+
+
+def test_a_failed_swap_puts_the_previous_export_back(project, monkeypatch):
+    from pathlib import Path
+
+    first = write_export(project)
+    weights = (first / "model.safetensors").read_bytes()
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(".model.export-"):  # the new export, on its way in
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        write_export(project)
+    monkeypatch.undo()
+    assert (first / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in first.parent.iterdir() if p.name.startswith(".model.")) == []
+
+
 def test_the_card_leaves_out_where_training_ran(tmp_path, project):
     p = tmp_path / "params.yaml"
     p.write_text(p.read_text() + "  ray_address: 10.1.2.3:6379\n  storage_path: /mnt/alice-nfs/runs\n")

@@ -91,11 +91,12 @@ def test_staged_inputs_reach_a_worker_folder_through_local_storage(tmp_path, tin
         f.write_text("{}")
     fs, base = pyarrow.fs.FileSystem.from_uri(storage)
     resume = str(ckpts / "checkpoint-4")
-    assert stage_inputs(s, resume, fs, f"{base}/run/{STAGE}") == ["base_model", "checkpoints", "prepared", "train_live"]
+    # not the local curves: after a failed Ray run they are the last finished run's
+    assert stage_inputs(s, resume, fs, f"{base}/run/{STAGE}") == ["base_model", "checkpoints", "prepared"]
 
     work = tmp_path / "worker"
     fetch_inputs(fs, f"{base}/run/{STAGE}", work)
-    config = worker_config(s, "cpu", ["base_model", "checkpoints", "prepared", "train_live"], resume, "w")
+    config = worker_config(s, "cpu", ["base_model", "checkpoints", "prepared"], resume, "w")
     assert_no_project_path(config, s)
     ws = Settings(Params.model_validate(config["params"]), root=work)
     assert load_prepared(ws)["train"]._fingerprint == load_prepared(s)["train"]._fingerprint  # the same splits
@@ -103,7 +104,7 @@ def test_staged_inputs_reach_a_worker_folder_through_local_storage(tmp_path, tin
     assert load_tokenizer(ws.local_or_hub(ws.model.checkpoint)).get_vocab() == load_tokenizer(s.model.checkpoint).get_vocab()
     assert sorted(p.name for p in ws.path("checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]  # no fingerprint
     assert (work / config["resume_from"] / "trainer_state.json").is_file()
-    assert (ws.path("train_live") / "metrics.json").is_file()  # a resumed run continues its curves
+    assert not ws.path("train_live").exists()
 
     # a fresh run stages only the data and the model; a Hub id is not staged (each worker downloads it)
     assert stage_inputs(s, None, fs, f"{base}/fresh/{STAGE}") == ["base_model", "prepared"]
