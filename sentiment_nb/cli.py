@@ -18,7 +18,7 @@ from . import __version__
 __all__ = ['BACKEND_CHOICES', 'EXIT_USAGE', 'build_parser', 'read_texts', 'default_model_dir', 'cmd_predict', 'serve_settings',
            'cmd_serve', 'cmd_info', 'main']
 
-# %% ../nbs/06_cli.ipynb #96171cf1
+# %% ../nbs/06_cli.ipynb #e2b4036d
 def _positive_int(s: str) -> int:
     try:
         n = int(s)
@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Classify sentences; print one JSON object for one sentence, a list for several.")
     pr.add_argument("texts", nargs="+", metavar="TEXT", help="sentences to classify; `-` reads one per line from stdin")
     pr.add_argument("--model", default=None,
-                    help="the exported model folder (default: serve.model of the nearest params.yaml, as `serve` "
-                         "reads it, else ./model)")
+                    help="the exported model folder (default: serve.model of $SENTIMENT_NB_PARAMS or of the nearest "
+                         "params.yaml, as `serve` reads it; else ./model)")
     pr.add_argument("--batch-size", type=_positive_int, default=32, help="sentences per forward pass (default: %(default)s)")
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
     pr.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
@@ -87,7 +87,7 @@ def _fail(msg: str) -> int:
     print(f"sentiment-nb: error: {' '.join(str(msg).split())}", file=sys.stderr)
     return EXIT_USAGE
 
-# %% ../nbs/06_cli.ipynb #ff9f52a5
+# %% ../nbs/06_cli.ipynb #477e2844
 def read_texts(texts: list[str], stdin=None) -> list[str]:
     "`texts`, or the non-empty lines of `stdin` when `texts` is `['-']`."
     if texts == ["-"]:
@@ -101,8 +101,10 @@ def default_model_dir() -> Path:
 
     try:
         file = find_params_file()
-    except ParamsError:  # no params file around: not in a project
-        return Path("model")
+    except ParamsError:
+        if os.environ.get("SENTIMENT_NB_PARAMS"):  # asked for, and missing: say so, as `serve` does
+            raise
+        return Path("model")  # no params file around: not in a project
     settings = load_params(file)  # an invalid params file is an error worth seeing
     return settings.resolve(settings.serve.model)
 
@@ -143,14 +145,14 @@ def serve_settings(args):
             return Settings(load_params(Path(d) / "params.yaml", over).params, Path.cwd())  # relative to here
     return load_params(file, over)
 
-# %% ../nbs/06_cli.ipynb #ed7d508a
+# %% ../nbs/06_cli.ipynb #e450a6b3
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _still_stopping(signum, frame):
     print(f"sentiment-nb: {signal.Signals(signum).name} ignored: still stopping Ray Serve, wait for `Stopped.` "
-          "(SIGKILL would leave Ray's processes behind).", file=sys.stderr, flush=True)
+          "(SIGKILL would skip the clean shutdown).", file=sys.stderr, flush=True)
 
 
 def _install_signal_handlers(handler=_interrupt) -> dict:
@@ -183,9 +185,11 @@ def cmd_serve(args) -> int:
         print(f"Stopping ({e or 'SIGINT'})...", file=sys.stderr, flush=True)
     finally:
         _install_signal_handlers(_still_stopping)
-        stop_server()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        try:
+            stop_server()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     print("Stopped.", file=sys.stderr, flush=True)
     return 0
 

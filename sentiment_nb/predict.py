@@ -352,13 +352,14 @@ def load_predictor(model_dir: str | os.PathLike, backend: str = "auto", device: 
     p.backend_reason = reason
     return p
 
-# %% ../nbs/04a_predict.ipynb #b1e88bb8
+# %% ../nbs/04a_predict.ipynb #e66558a9
 _PREDICTORS: dict[tuple, tuple[tuple, BasePredictor]] = {}  # (folder, backend, device) -> (files' stamp, predictor)
 
 
 def files_stamp(folder: str | os.PathLike) -> tuple:
     "Each file under `folder` with the time it last changed: it differs once anything there is rewritten."
-    return tuple(sorted((str(f), f.stat().st_mtime_ns) for f in Path(folder).rglob("*") if f.is_file()))
+    return tuple(sorted((str(f), st.st_mtime_ns, st.st_size, st.st_ino)
+                        for f in Path(folder).rglob("*") if f.is_file() and (st := f.stat())))
 
 
 def predict(texts, model_dir: str | os.PathLike = "model", batch_size: int = 32, device: str = "auto",

@@ -14,7 +14,7 @@ __all__ = ['logger', 'HTTP_ERROR_KINDS', 'MAX_BUSY_WAIT_S', 'BATCH_FIELDS', 'ING
            'port_in_use', 'free_port', 'PortInUseError', 'check_port_free', 'haproxy_env', 'wait_healthy',
            'start_server', 'metrics_url', 'log_dir', 'request_records', 'stop_server']
 
-# %% ../nbs/05_serve.ipynb #48a7a3e9
+# %% ../nbs/05_serve.ipynb #eb2154c8
 import asyncio
 import json
 import logging
@@ -37,7 +37,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .config import ServeParams, Settings, load_params
+from .config import ONNX_FILES, ParamsError, ServeParams, Settings, load_params
 
 logger = logging.getLogger("ray.serve")  # Ray Serve's logger: replica logs, request ids, JSON logging
 
@@ -106,7 +106,7 @@ def request_texts(req: PredictRequest, max_chars: int, max_texts: int) -> list[s
                                f"are allowed.")
     return texts
 
-# %% ../nbs/05_serve.ipynb #ae3ae51d
+# %% ../nbs/05_serve.ipynb #8bd6f635
 def _where(loc) -> str:
     parts = [str(p) for p in loc if p != "body"]
     return "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in parts).lstrip(".") or "body"
@@ -119,8 +119,8 @@ def validation_error(errors: list[dict]) -> tuple[int, dict]:
         msg = (e.get("ctx") or {}).get("error", e.get("msg", "invalid JSON"))
         loc = tuple(e.get("loc", ()))
         if len(loc) == 2 and isinstance(loc[1], int):  # FastAPI puts the character's position there
-            msg = f"{msg}, at character {loc[1]}"
-        return 400, {"error": "malformed_json", "detail": f"The body is not valid JSON ({msg}). Send "
+            msg = f"{msg} (character {loc[1]})"
+        return 400, {"error": "malformed_json", "detail": f"The body is not valid JSON: {msg}. Send "
                      f'{{"text": "a sentence"}} or {{"texts": ["one", "two"]}}.'}
     lines = []
     for e in errors:
@@ -407,7 +407,7 @@ def _rejected(status: int, kind: str, detail: str) -> None:
     count("errors", "error", kind)
     logger.info(json.dumps({"event": "rejected", "status": status, "error": kind, "detail": detail[:300]}))
 
-# %% ../nbs/05_serve.ipynb #c693ea0d
+# %% ../nbs/05_serve.ipynb #ce00ea2d
 CPU_FORWARD_BATCH = 8
 
 
@@ -430,6 +430,9 @@ def resolve_backend(settings: Settings) -> tuple[str, str]:
     from sentiment_nb.predict import select_backend
 
     sp = settings.serve
+    if sp.num_gpus > 0 and sp.backend in ONNX_FILES:
+        raise ParamsError(f"serve.backend {sp.backend!r} runs on the CPU, but serve.num_gpus is {sp.num_gpus:g}: "
+                          "set serve.num_gpus: 0, or serve.backend: torch (or auto) to use the GPU.")
     return select_backend(settings.resolve(sp.model), sp.backend, sp.max_accuracy_drop,
                           device="cuda" if sp.num_gpus > 0 else "cpu")
 

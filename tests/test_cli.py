@@ -75,6 +75,9 @@ def test_predict_finds_the_model_where_serve_does(capsys, tiny_model_dir, tmp_pa
     (tmp_path / "params.yaml").unlink()  # no project around: ./model
     code, out, err = run(capsys, "predict", SENTENCES[0])
     assert code == 2 and f"{tmp_path / 'nbs' / 'model'}" in err and "does not exist" in err, err
+    monkeypatch.setenv("SENTIMENT_NB_PARAMS", str(tmp_path / "gone.yaml"))  # asked for: not silently ./model
+    code, out, err = run(capsys, "predict", SENTENCES[0])
+    assert code == 2 and "Params file" in err and "gone.yaml' does not exist" in err, err
 
 
 @pytest.mark.parametrize("case, argv, words", [
@@ -129,6 +132,26 @@ def test_a_second_signal_while_stopping_does_not_cut_the_shutdown_short(capsys, 
     assert code == 0 and stopped == ["done"], err
     assert "Stopping (SIGINT)" in err and "SIGTERM ignored: still stopping" in err and "SIGINT ignored" in err
     assert err.rstrip().endswith("Stopped.")
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_the_signal_handlers_are_restored_even_when_stopping_fails(monkeypatch, tiny_model_dir):
+    import os
+    import signal
+
+    from sentiment_nb import serve
+
+    def stop_server():
+        raise RuntimeError("Ray would not stop")
+
+    monkeypatch.setattr(serve, "start_server", lambda settings, **kw: "http://127.0.0.1:9")
+    monkeypatch.setattr(serve, "stop_server", stop_server)
+    monkeypatch.setattr(serve, "log_dir", lambda: "/nowhere")
+    monkeypatch.setattr(serve, "metrics_url", lambda: "http://127.0.0.1:9/metrics")
+    monkeypatch.setattr(signal, "pause", lambda: os.kill(os.getpid(), signal.SIGINT))
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RuntimeError, match="would not stop"):  # a bug, with its traceback
+        main(["serve", "--model", str(tiny_model_dir)])
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 

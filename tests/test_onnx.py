@@ -156,7 +156,7 @@ def test_a_broken_metrics_file_is_named(exported, tmp_path, capsys, smoke_params
     (d / "metrics.json").write_text(content)
     with pytest.raises(ModelDirError, match=words.replace("[", r"\[")):
         select_backend(d, "auto")
-    assert main(["predict", "fine", "--model", str(d)]) == 2
+    assert main(["predict", "fine", "--model", str(d), "--device", "cpu"]) == 2  # on a GPU, auto is torch
     err = capsys.readouterr().err
     assert f"{d / 'metrics.json'}" in err and words in err and "dvc repro" in err
     with pytest.raises(ModelDirError, match="metrics.json"):  # before Ray starts
@@ -244,6 +244,27 @@ def test_serve_refuses_a_missing_onnx_backend_before_ray_starts(smoke_params_fil
 
     with pytest.raises(ModelDirError, match="has no ONNX export"):
         build_app({"params": str(smoke_params_file), "model": str(tiny_model_dir), "backend": "onnx-int8"})
+
+
+def test_serve_refuses_an_onnx_backend_on_a_gpu_before_ray_starts(smoke_params_file, exported, capsys):
+    from sentiment_nb.cli import main
+    from sentiment_nb.config import ParamsError
+    from sentiment_nb.serve import build_app
+
+    with pytest.raises(ParamsError, match="serve.backend 'onnx' runs on the CPU, but serve.num_gpus is 1: set "
+                                          "serve.num_gpus: 0, or serve.backend: torch"):
+        build_app({"params": str(smoke_params_file), "model": str(exported), "backend": "onnx", "num_gpus": 1})
+    import yaml
+    from helpers import free_port
+
+    params = yaml.safe_load(smoke_params_file.read_text())
+    params["serve"]["num_gpus"] = 1
+    p = smoke_params_file.parent / "gpu_onnx.yaml"
+    p.write_text(yaml.safe_dump(params))
+    assert main(["serve", "--params", str(p), "--model", str(exported), "--backend", "onnx-int8",
+                 "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sentiment-nb: error: serve.backend 'onnx-int8' runs on the CPU") and err.count("\n") == 1
 
 
 def test_cli_serve_backend_option(smoke_params_file):

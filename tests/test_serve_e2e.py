@@ -134,7 +134,7 @@ def test_texts_give_predictions_in_input_order(server, tiny_model_dir):
 
 BAD = [
     ("malformed JSON", {"content": b'{"text": "unclosed', "headers": {"content-type": "application/json"}}, 400,
-     "not valid JSON (Unterminated string starting at, at character 9)"),
+     "not valid JSON: Unterminated string starting at (character 9)"),
     ("no body", {"content": b"", "headers": {"content-type": "application/json"}}, 422, "no JSON body"),
     ("missing field", {"json": {}}, 422, "exactly one of `text`"),
     ("misspelled field", {"json": {"txt": "a fine film"}}, 422, "txt: Extra inputs are not permitted: the fields are "
