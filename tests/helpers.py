@@ -75,7 +75,7 @@ def export_with_onnx(model_dir: Path, onnx_dir: Path, root: Path) -> Path:
 
 def committed_params_text() -> str:
     "params.yaml as committed: `dvc exp run -S` writes its overrides into the workspace copy."
-    shown = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=REPO, capture_output=True, text=True)
+    shown = subprocess.run(["git", "show", "HEAD:./params.yaml"], cwd=REPO, capture_output=True, text=True)
     return shown.stdout if shown.returncode == 0 else (REPO / "params.yaml").read_text()
 
 
