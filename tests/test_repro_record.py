@@ -122,6 +122,12 @@ def test_what_a_resumed_train_continues_survives_the_rerun():
                if isinstance(o, dict) for k, v in o.items()}
     for path in ("${paths.checkpoints}", "${paths.train_live}/metrics.json", "${paths.train_live}/plots/metrics"):
         assert entries.get(path, {}).get("persist") is True, path
+    # and out of DVC's cache: `dvc exp run` checks the cached outputs out first, which dropped a killed run's checkpoints
+    assert entries["${paths.checkpoints}"].get("cache") is False
+    ignored = subprocess.run(["git", "check-ignore", "-q", "artifacts/train/checkpoints/checkpoint-40/model.safetensors"],
+                             cwd=REPO).returncode
+    kept = subprocess.run(["git", "check-ignore", "-q", "artifacts/train/checkpoints/fingerprint.json"], cwd=REPO).returncode
+    assert (ignored, kept) == (0, 1)  # a checkpoint stays out of git, the fingerprint goes in
 
 
 def test_everything_needed_to_serve_or_resume_is_a_dvc_out():
