@@ -25,12 +25,12 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'FINGERPRINT_FILE', 'STAGE', 'OUTPUTS', 'WORKER_LAYOUT', 'resolve_precision', 'resolve_device',
-           'training_arguments', 'compute_metrics', 'load_model', 'run_fingerprint', 'complete_checkpoints',
-           'resumable_checkpoint', 'mark_complete', 'DVCLiveStepCallback', 'trim_curves', 'open_live',
-           'checkpoint_step', 'by_length', 'load_prepared', 'build_trainer', 'fit', 'train', 'samples_per_step',
-           'steps_per_epoch', 'is_remote', 'storage_warning', 'run_storage', 'stage_inputs', 'fetch_inputs',
-           'worker_config', 'report_outputs', 'ray_worker', 'collect_outputs', 'restore_checkpoints', 'ray_address',
-           'train_on_ray']
+           'training_arguments', 'compute_metrics', 'load_model', 'run_fingerprint', 'checkpoint_folders',
+           'is_complete', 'complete_checkpoints', 'resumable_checkpoint', 'mark_complete', 'DVCLiveStepCallback',
+           'trim_curves', 'open_live', 'checkpoint_step', 'by_length', 'load_prepared', 'build_trainer', 'fit', 'train',
+           'samples_per_step', 'steps_per_epoch', 'is_remote', 'storage_warning', 'run_storage', 'stage_inputs',
+           'fetch_inputs', 'worker_config', 'report_outputs', 'ray_worker', 'collect_outputs', 'restore_checkpoints',
+           'ray_address', 'train_on_ray']
 
 # %% ../nbs/02_train.ipynb #5352db1c
 def resolve_precision(precision: str, device: str) -> str:
@@ -123,7 +123,7 @@ def load_model(checkpoint: str):
     model.accepts_loss_kwargs = False
     return model
 
-# %% ../nbs/02_train.ipynb #b04e902d
+# %% ../nbs/02_train.ipynb #dd3ba252
 FINGERPRINT_FILE = "fingerprint.json"
 
 
@@ -133,19 +133,24 @@ def run_fingerprint(settings: Settings, data_fingerprint: str) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def checkpoint_folders(folder: str | Path) -> dict[int, Path]:
+    "The `checkpoint-<step>` folders in `folder`, complete or not, by step."
+    return {int(d.name.removeprefix("checkpoint-")): d for d in Path(folder).glob("checkpoint-*")
+            if d.is_dir() and d.name.removeprefix("checkpoint-").isdigit()}
+
+
+def is_complete(checkpoint: Path) -> bool:
+    "Whether the Trainer finished writing `checkpoint`: its `trainer_state.json`, written last, reads whole."
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):  # missing, or cut off while it was written
+        return False
+    return True
+
+
 def complete_checkpoints(folder: str | Path) -> dict[int, Path]:
     "The `checkpoint-<step>` folders in `folder` that the Trainer finished writing, by step."
-    out = {}
-    for d in Path(folder).glob("checkpoint-*"):
-        step, state = d.name.removeprefix("checkpoint-"), d / "trainer_state.json"
-        if not (step.isdigit() and d.is_dir() and state.is_file()):
-            continue
-        try:
-            json.loads(state.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):  # cut off while it was written
-            continue
-        out[int(step)] = d
-    return out
+    return {step: d for step, d in checkpoint_folders(folder).items() if is_complete(d)}
 
 
 def resumable_checkpoint(folder: str | Path, fingerprint: str) -> str | None:
@@ -156,10 +161,10 @@ def resumable_checkpoint(folder: str | Path, fingerprint: str) -> str | None:
     last = None
     if same_run:
         complete = complete_checkpoints(folder)
-        started = {d for d in folder.glob("checkpoint-*") if d.is_dir() and d.name.removeprefix("checkpoint-").isdigit()}
-        for d in sorted(started - set(complete.values())):
-            logger.warning("Deleting %s: the run stopped while it was being saved.", d)
-            shutil.rmtree(d)
+        for step, d in sorted(checkpoint_folders(folder).items()):
+            if step not in complete:
+                logger.warning("Deleting %s: the run stopped while it was being saved.", d)
+                shutil.rmtree(d)
         last = str(complete[max(complete)]) if complete else None
     elif folder.exists():
         shutil.rmtree(folder)

@@ -109,11 +109,24 @@ def test_serve_on_a_taken_port_exits_2_with_one_clear_line(capsys, tiny_model_di
     assert err.startswith(f"sentiment-nb: error: Cannot listen on 127.0.0.1:{port}") and err.count("\n") == 1, err
 
 
-def test_a_second_signal_while_stopping_does_not_cut_the_shutdown_short(capsys, monkeypatch, tiny_model_dir):
+def fake_server(monkeypatch, stop_server) -> tuple:
+    "`sentiment-nb serve` with Ray Serve faked: it starts at once, gets a Ctrl-C, and stops with `stop_server`."
     import os
     import signal
 
     from sentiment_nb import serve
+
+    monkeypatch.setattr(serve, "start_server", lambda settings, **kw: "http://127.0.0.1:9")
+    monkeypatch.setattr(serve, "stop_server", stop_server)
+    monkeypatch.setattr(serve, "log_dir", lambda: "/nowhere")
+    monkeypatch.setattr(serve, "metrics_url", lambda: "http://127.0.0.1:9/metrics")
+    monkeypatch.setattr(signal, "pause", lambda: os.kill(os.getpid(), signal.SIGINT))  # the first Ctrl-C
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # the handlers to find back
+
+
+def test_a_second_signal_while_stopping_does_not_cut_the_shutdown_short(capsys, monkeypatch, tiny_model_dir):
+    import os
+    import signal
 
     stopped = []
 
@@ -122,12 +135,7 @@ def test_a_second_signal_while_stopping_does_not_cut_the_shutdown_short(capsys, 
         os.kill(os.getpid(), signal.SIGINT)
         stopped.append("done")
 
-    monkeypatch.setattr(serve, "start_server", lambda settings, **kw: "http://127.0.0.1:9")
-    monkeypatch.setattr(serve, "stop_server", stop_server)
-    monkeypatch.setattr(serve, "log_dir", lambda: "/nowhere")
-    monkeypatch.setattr(serve, "metrics_url", lambda: "http://127.0.0.1:9/metrics")
-    monkeypatch.setattr(signal, "pause", lambda: os.kill(os.getpid(), signal.SIGINT))  # the first Ctrl-C
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    before = fake_server(monkeypatch, stop_server)
     code, out, err = run(capsys, "serve", "--model", str(tiny_model_dir))
     assert code == 0 and stopped == ["done"], err
     assert "Stopping (SIGINT)" in err and "SIGTERM ignored: still stopping" in err and "SIGINT ignored" in err
@@ -136,20 +144,12 @@ def test_a_second_signal_while_stopping_does_not_cut_the_shutdown_short(capsys, 
 
 
 def test_the_signal_handlers_are_restored_even_when_stopping_fails(monkeypatch, tiny_model_dir):
-    import os
     import signal
-
-    from sentiment_nb import serve
 
     def stop_server():
         raise RuntimeError("Ray would not stop")
 
-    monkeypatch.setattr(serve, "start_server", lambda settings, **kw: "http://127.0.0.1:9")
-    monkeypatch.setattr(serve, "stop_server", stop_server)
-    monkeypatch.setattr(serve, "log_dir", lambda: "/nowhere")
-    monkeypatch.setattr(serve, "metrics_url", lambda: "http://127.0.0.1:9/metrics")
-    monkeypatch.setattr(signal, "pause", lambda: os.kill(os.getpid(), signal.SIGINT))
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    before = fake_server(monkeypatch, stop_server)
     with pytest.raises(RuntimeError, match="would not stop"):  # a bug, with its traceback
         main(["serve", "--model", str(tiny_model_dir)])
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
