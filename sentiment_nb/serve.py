@@ -4,15 +4,17 @@
 
 # %% auto #0
 __all__ = ['logger', 'HTTP_ERROR_KINDS', 'MAX_BUSY_WAIT_S', 'BATCH_FIELDS', 'INGRESS_CPUS', 'INDEX_HTML', 'app',
-           'CPU_FORWARD_BATCH', 'PROBE_TEXT', 'HEALTH_TIMEOUT_S', 'APP_NAME', 'HAPROXY_DEFAULT_PORTS', 'PredictRequest',
-           'Prediction', 'BatchPrediction', 'ErrorResponse', 'RequestError', 'request_texts', 'validation_error',
-           'http_error', 'merge_batch', 'split_batch', 'BatchPace', 'shape_response', 'request_log',
-           'deployment_options', 'model_replicas_per_ingress', 'ingress_grouping', 'CapacityError', 'check_capacity',
-           'count', 'max_body_bytes', 'body_too_large', 'BodySizeLimit', 'replica_threads', 'forward_batch_size',
+           'CPU_FORWARD_BATCH', 'PROBE_TEXT', 'HEALTH_TIMEOUT_S', 'APP_NAME', 'HAPROXY_DEFAULT_PORTS',
+           'HAPROXY_MAX_SOCKET_PATH', 'RAY_NODE_ID_CHARS', 'PredictRequest', 'Prediction', 'BatchPrediction',
+           'ErrorResponse', 'RequestError', 'request_texts', 'validation_error', 'http_error', 'merge_batch',
+           'split_batch', 'BatchPace', 'shape_response', 'request_log', 'deployment_options',
+           'model_replicas_per_ingress', 'ingress_grouping', 'CapacityError', 'check_capacity', 'count',
+           'max_body_bytes', 'body_too_large', 'BodySizeLimit', 'replica_threads', 'forward_batch_size',
            'resolve_backend', 'each_alone', 'raised', 'SentimentModel', 'SentimentAPI', 'resolve_settings', 'build_app',
            'serve_config', 'write_serve_config', 'is_loopback', 'haproxy_available', 'use_haproxy', 'bind_error',
-           'port_in_use', 'free_port', 'PortInUseError', 'check_port_free', 'haproxy_env', 'wait_healthy',
-           'start_server', 'metrics_url', 'log_dir', 'request_records', 'stop_server']
+           'port_in_use', 'free_port', 'PortInUseError', 'check_port_free', 'haproxy_run_dir', 'HAProxyStartError',
+           'haproxy_start_error', 'haproxy_env', 'wait_healthy', 'start_server', 'metrics_url', 'log_dir',
+           'request_records', 'stop_server']
 
 # %% ../nbs/05_serve.ipynb #eb2154c8
 import asyncio
@@ -658,7 +660,7 @@ def write_serve_config(settings: Settings, path: str | os.PathLike = "serve_conf
     Path(path).write_text(header + yaml.safe_dump(serve_config(settings), sort_keys=False))
     return Path(path)
 
-# %% ../nbs/05_serve.ipynb #dcb5ad38
+# %% ../nbs/05_serve.ipynb #ee851672
 def is_loopback(host: str) -> bool:
     "Whether `host` names this machine's loopback interface only."
     import ipaddress
@@ -726,6 +728,34 @@ def check_port_free(host: str, port: int) -> None:
                              f"--port (serve.port).")
 
 
+HAPROXY_MAX_SOCKET_PATH = 97  # HAProxy: "socket path ... too long (max 97)"
+RAY_NODE_ID_CHARS = 56  # Ray adds a folder named by the node id between the folder set and each file
+
+
+def haproxy_run_dir() -> str:
+    "A new folder for one server's HAProxy files, short enough for HAProxy's socket paths: in $TMPDIR if it fits, else /tmp."
+    longest_file = len(os.sep + "0" * RAY_NODE_ID_CHARS + os.sep + "metrics.sock")
+    base = tempfile.gettempdir()
+    if len(os.path.join(base, "haproxy-abcdefgh")) + longest_file > HAPROXY_MAX_SOCKET_PATH:
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix="haproxy-", dir=base)
+
+
+class HAProxyStartError(CapacityError):
+    "HAProxy could not start on this machine; the message gives its reason and the way around it."
+
+
+def haproxy_start_error(error: Exception) -> HAProxyStartError | None:
+    "The `HAProxyStartError` for an error that `serve.start` raised because HAProxy did not start; None for others."
+    text = str(error)
+    if "HAProxy" not in text:
+        return None
+    alerts = [line.split(" : ", 1)[-1].strip() for line in text.splitlines() if "[ALERT]" in line]
+    why = ("; ".join(alerts[:2]) or text.strip().splitlines()[-1]).rstrip(".")
+    return HAProxyStartError(f"HAProxy did not start: {why}. Set serve.haproxy: false to use Ray Serve's own proxy "
+                             f"instead, or fix what it names.")
+
+
 def haproxy_env(run_dir: str | os.PathLike) -> dict[str, str]:
     "Ray Serve's HAProxy settings for one server: its files in `run_dir`, Ray's default ports unless they are taken."
     d = Path(run_dir)
@@ -738,7 +768,7 @@ def haproxy_env(run_dir: str | os.PathLike) -> dict[str, str]:
         env[name] = str(free_port() if port_in_use(port) else port)
     return env
 
-# %% ../nbs/05_serve.ipynb #4c23ac9f
+# %% ../nbs/05_serve.ipynb #96f81856
 def wait_healthy(url: str, timeout_s: float = 180.0, interval_s: float = 0.5) -> dict:
     "Poll `url`/healthz until it answers 200 (its JSON) or `timeout_s` passes (`TimeoutError`)."
     deadline, last = time.monotonic() + timeout_s, "no answer"
@@ -779,7 +809,7 @@ def start_server(settings: Settings, dashboard: bool = False, num_cpus: int | No
     if use_haproxy(settings.serve):  # see "The HTTP front" above
         os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
         global _haproxy_dir
-        _haproxy_dir = tempfile.mkdtemp(prefix="haproxy-serve-")
+        _haproxy_dir = haproxy_run_dir()
         for name, value in haproxy_env(_haproxy_dir).items():
             if os.environ.get(name) in (None, _haproxy_env.get(name)):  # unset, or set by an earlier server here
                 os.environ[name] = _haproxy_env[name] = value
@@ -797,7 +827,14 @@ def start_server(settings: Settings, dashboard: bool = False, num_cpus: int | No
     except CapacityError:
         ray.shutdown()
         raise
-    serve.start(http_options={"host": sp.host, "port": sp.port})
+    try:
+        serve.start(http_options={"host": sp.host, "port": sp.port})
+    except Exception as e:
+        error = haproxy_start_error(e) if use_haproxy(sp) else None
+        if error is None:
+            raise
+        stop_server()
+        raise error from None
     serve.run(app_, name=APP_NAME, route_prefix="/")
     host = "127.0.0.1" if sp.host in ("0.0.0.0", "::", "") else sp.host
     url = f"http://{host}:{sp.port}"

@@ -52,6 +52,18 @@ def ray_processes() -> dict[int, str]:
     return found
 
 
+def haproxy_command_lines(pids) -> list[list[str]]:
+    "The command lines of the HAProxy processes among `pids` (`haproxy -db -f <folder>/<node id>/haproxy.cfg`)."
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).name() == "haproxy":
+                out.append(psutil.Process(pid).cmdline())
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 def alive(pids) -> list[int]:
     out = []
     for pid in pids:
@@ -425,28 +437,42 @@ def test_page_shows_the_error_of_a_blank_sentence(server, browser):
 
 # --- the console script -----------------------------------------------------------------------------------------------
 
-def test_the_serve_command_prints_its_url_and_stops_cleanly_on_sigterm(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("haproxy", [False, True], ids=["serve-proxy", "haproxy"])
+def test_the_serve_command_prints_its_url_and_stops_cleanly_on_sigterm(tiny_model_dir, tmp_path, haproxy):
+    """Both front ends: Serve's own proxy (the loopback default) and HAProxy (the default on other hosts, so the
+    Docker image's): the same answers and errors through either, and a prompt, complete stop."""
     import signal
     import subprocess
     import sys
 
     port = free_port()
     cli = Path(sys.executable).parent / "sentiment-nb"
+    params = write_params(tmp_path / "params.yaml", {"serve": {"num_cpus": 0.25, "haproxy": haproxy}})
+    # A $TMPDIR as long as this test's pushed HAProxy's socket paths past its limit, and it crashed at start-up.
+    run_dir = tmp_path / "tmp"
+    run_dir.mkdir()
     proc = subprocess.Popen([str(cli), "serve", "--model", str(tiny_model_dir), "--port", str(port),
-                             "--params", str(write_params(tmp_path / "params.yaml", {"serve": {"num_cpus": 0.25}}))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                             "--params", str(params)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, env={**os.environ, "TMPDIR": str(run_dir)})
+    url = f"http://127.0.0.1:{port}"
     started = {}
     try:
         line = proc.stdout.readline()  # printed once /healthz answers
-        assert line.startswith(f"Serving {tiny_model_dir} at http://127.0.0.1:{port}/"), (line, proc.poll())
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200
+        assert line.startswith(f"Serving {tiny_model_dir} at {url}/"), (line, proc.poll())
+        assert httpx.get(url + "/healthz", timeout=30).status_code == 200
+        check_prediction(httpx.post(url + "/predict", json={"text": TEXTS[0]}, timeout=60).json())
+        r = httpx.post(url + "/predict", json={"text": " "}, timeout=60)
+        assert (r.status_code, r.json()["error"]) == (422, "empty_text"), r.text
         started = {p.pid: p.name() for p in psutil.Process(proc.pid).children(recursive=True)}
         assert any("raylet" in n for n in started.values()), started
+        configs = [Path(c[c.index("-f") + 1]) for c in haproxy_command_lines(started)]
+        assert len(configs) == haproxy, started
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0 and err.rstrip().endswith("Stopped."), err[-2000:]
-        assert time.monotonic() - t0 < 30
+        assert time.monotonic() - t0 < 20  # about 6 s here; HAProxy's own draining default alone would be 30 s
+        assert not [c for c in configs if c.parents[1].exists()], configs  # the server's HAProxy folder is gone
         deadline = time.monotonic() + 60
         while alive(started) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -456,4 +482,40 @@ def test_the_serve_command_prints_its_url_and_stops_cleanly_on_sigterm(tiny_mode
             proc.kill()
             proc.wait()
         for pid in alive(started):  # do not leave them to the next tests
+            psutil.Process(pid).kill()
+
+
+def test_the_serve_command_says_why_haproxy_did_not_start(tiny_model_dir, tmp_path):
+    "An HAProxy that cannot start (here: a socket path set past its limit) is a one-line error, not a traceback."
+    import subprocess
+    import sys
+
+    too_long = tmp_path / ("x" * 100) / "admin.sock"
+    cli = Path(sys.executable).parent / "sentiment-nb"
+    params = write_params(tmp_path / "params.yaml", {"serve": {"num_cpus": 0.25, "haproxy": True}})
+    proc = subprocess.Popen([str(cli), "serve", "--model", str(tiny_model_dir), "--port", str(free_port()),
+                             "--params", str(params)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, env={**os.environ, "RAY_SERVE_HAPROXY_SOCKET_PATH": str(too_long)})
+    started = {}
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            started.update({p.pid: p.name() for p in psutil.Process(proc.pid).children(recursive=True)})
+            time.sleep(0.5)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, (proc.returncode, err[-3000:])  # EXIT_USAGE, as for the other set-up errors
+        assert "Traceback" not in err, err[-3000:]
+        last = err.rstrip().splitlines()[-1]
+        assert last.startswith("sentiment-nb: error: HAProxy did not start: ") and "too long" in last, last
+        assert "serve.haproxy: false" in last, last
+        assert any("raylet" in n for n in started.values()), started
+        deadline = time.monotonic() + 60
+        while alive(started) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not alive(started), {pid: started[pid] for pid in alive(started)}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in alive(started):
             psutil.Process(pid).kill()
