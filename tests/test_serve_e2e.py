@@ -485,6 +485,55 @@ def test_the_serve_command_prints_its_url_and_stops_cleanly_on_sigterm(tiny_mode
             psutil.Process(pid).kill()
 
 
+def test_serve_run_with_the_committed_config(tiny_model_dir, tmp_path):
+    "Ray's own `serve run serve_config.yaml`, with the committed file (only the port changed), answers and stops."
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+    from helpers import REPO
+
+    port = free_port()
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = port
+    (tmp_path / "serve_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    write_params(tmp_path / "params.yaml", smoke_params(FIXTURE_DATA, tiny_model_dir,
+                                                         serve={"model": str(tiny_model_dir), "port": port}))
+    cli = Path(sys.executable).parent / "serve"
+    proc = subprocess.Popen([str(cli), "run", "serve_config.yaml"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=tmp_path, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    url, started = f"http://127.0.0.1:{port}", {}
+    try:
+        deadline, health = time.monotonic() + 180, None
+        while proc.poll() is None and time.monotonic() < deadline:
+            started.update({p.pid: p.name() for p in psutil.Process(proc.pid).children(recursive=True)})
+            try:
+                health = httpx.get(url + "/healthz", timeout=5)
+                if health.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert health is not None and health.status_code == 200, (proc.poll(), health and health.text)
+        assert health.json()["labels"] == ["negative", "positive"]
+        check_prediction(httpx.post(url + "/predict", json={"text": TEXTS[0]}, timeout=60).json())
+        assert httpx.get(url + "/", timeout=30).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 0, out[-3000:]
+        deadline = time.monotonic() + 60
+        while alive(started) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not alive(started), {pid: started[pid] for pid in alive(started)}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in alive(started):
+            psutil.Process(pid).kill()
+
+
 def test_the_serve_command_says_why_haproxy_did_not_start(tiny_model_dir, tmp_path):
     "An HAProxy that cannot start (here: a socket path set past its limit) is a one-line error, not a traceback."
     import subprocess
