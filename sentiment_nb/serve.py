@@ -13,8 +13,8 @@ __all__ = ['logger', 'HTTP_ERROR_KINDS', 'MAX_BUSY_WAIT_S', 'BATCH_FIELDS', 'ING
            'resolve_backend', 'each_alone', 'raised', 'SentimentModel', 'SentimentAPI', 'resolve_settings', 'build_app',
            'serve_config', 'write_serve_config', 'is_loopback', 'haproxy_available', 'use_haproxy', 'bind_error',
            'port_in_use', 'free_port', 'PortInUseError', 'check_port_free', 'haproxy_run_dir', 'HAProxyStartError',
-           'haproxy_start_error', 'haproxy_env', 'wait_healthy', 'start_server', 'metrics_url', 'log_dir',
-           'request_records', 'stop_server']
+           'haproxy_start_error', 'haproxy_env', 'haproxy_pids', 'is_running', 'end_processes', 'wait_healthy',
+           'start_server', 'metrics_url', 'log_dir', 'request_records', 'stop_server']
 
 # %% ../nbs/05_serve.ipynb #eb2154c8
 import asyncio
@@ -768,7 +768,48 @@ def haproxy_env(run_dir: str | os.PathLike) -> dict[str, str]:
         env[name] = str(free_port() if port_in_use(port) else port)
     return env
 
-# %% ../nbs/05_serve.ipynb #96f81856
+# %% ../nbs/05_serve.ipynb #b60d608f
+def haproxy_pids(run_dir: str | os.PathLike) -> list[int]:
+    "The HAProxy processes running on a config file in `run_dir` (Linux: read from /proc; elsewhere none)."
+    prefix = os.path.join(os.fspath(run_dir), "")
+    out = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0") if a]
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if any(Path(a).name == "haproxy" for a in args[:2]) and any(a.startswith(prefix) for a in args):
+            out.append(int(proc.name))
+    return out
+
+
+def is_running(pid: int) -> bool:
+    "Whether process `pid` exists and is not a zombie (a zombie has ended; only its parent's bookkeeping is left)."
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def end_processes(pids: list[int], timeout_s: float = 5.0) -> None:
+    "SIGTERM each of `pids`, and SIGKILL those still running after `timeout_s`."
+    import signal
+
+    def signal_all(sig, pids):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    signal_all(signal.SIGTERM, pids)
+    deadline = time.monotonic() + timeout_s
+    while (pids := [pid for pid in pids if is_running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    signal_all(signal.SIGKILL, pids)
+
+# %% ../nbs/05_serve.ipynb #53ea0298
 def wait_healthy(url: str, timeout_s: float = 180.0, interval_s: float = 0.5) -> dict:
     "Poll `url`/healthz until it answers 200 (its JSON) or `timeout_s` passes (`TimeoutError`)."
     deadline, last = time.monotonic() + timeout_s, "no answer"
@@ -873,7 +914,7 @@ def request_records(folder: str | os.PathLike, deployment: str = "SentimentAPI",
 
 
 def stop_server() -> None:
-    "Shut Serve down, then Ray: the clean path, which leaves no Ray process behind."
+    "Shut Serve down, then Ray, then any HAProxy of this server's that outlived them: no process left behind."
     import ray
 
     if ray.is_initialized():
@@ -883,5 +924,6 @@ def stop_server() -> None:
             ray.shutdown()
     global _haproxy_dir
     if _haproxy_dir:
+        end_processes(haproxy_pids(_haproxy_dir))
         shutil.rmtree(_haproxy_dir, ignore_errors=True)
         _haproxy_dir = None

@@ -568,3 +568,46 @@ def test_the_serve_command_says_why_haproxy_did_not_start(tiny_model_dir, tmp_pa
             proc.wait()
         for pid in alive(started):
             psutil.Process(pid).kill()
+
+
+def test_a_sigterm_to_the_whole_process_group_leaves_no_haproxy_behind(tiny_model_dir, tmp_path):
+    """`timeout`, `kill -- -PGID` and systemd signal Ray's workers too: Serve's controller dies under the shutdown
+    (which then waits 30 s for it), and an HAProxy outlived everything, holding the ports, until `stop_server` ended
+    the ones running on its folder."""
+    import signal
+    import subprocess
+    import sys
+
+    from sentiment_nb.serve import haproxy_pids
+
+    port = free_port()
+    cli = Path(sys.executable).parent / "sentiment-nb"
+    params = write_params(tmp_path / "params.yaml", {"serve": {"num_cpus": 0.25, "haproxy": True}})
+    proc = subprocess.Popen([str(cli), "serve", "--model", str(tiny_model_dir), "--port", str(port),
+                             "--params", str(params)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, start_new_session=True)  # its own process group, as a shell job has
+    started = {}
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("Serving "), (line, proc.poll())
+        started = {p.pid: p.name() for p in psutil.Process(proc.pid).children(recursive=True)}
+        folders = {Path(c[c.index("-f") + 1]).parents[1] for c in haproxy_command_lines(started)}
+        assert len(folders) == 1, started
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and err.rstrip().endswith("Stopped."), err[-2000:]
+        folder = folders.pop()
+        assert haproxy_pids(folder) == [] and not folder.exists()
+        with httpx.Client() as client:  # nothing answers on the port any more
+            with pytest.raises(httpx.ConnectError):
+                client.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        deadline = time.monotonic() + 60
+        while alive(started) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not alive(started), {pid: started[pid] for pid in alive(started)}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in alive(started):
+            psutil.Process(pid).kill()
