@@ -14,7 +14,10 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import yaml
 from helpers import FIXTURE_DATA, export_with_onnx, fixture_texts, free_port, smoke_params, write_params
+
+from sentiment_nb.serve import APP_NAME
 
 pytestmark = pytest.mark.slow
 
@@ -437,10 +440,11 @@ def test_page_shows_the_error_of_a_blank_sentence(server, browser):
 
 # --- the console script -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("haproxy", [False, True], ids=["serve-proxy", "haproxy"])
+@pytest.mark.parametrize("haproxy", [False, True], ids=["serve-proxy+dashboard", "haproxy"])
 def test_the_serve_command_prints_its_url_and_stops_cleanly_on_sigterm(tiny_model_dir, tmp_path, haproxy):
     """Both front ends: Serve's own proxy (the loopback default) and HAProxy (the default on other hosts, so the
-    Docker image's): the same answers and errors through either, and a prompt, complete stop."""
+    Docker image's): the same answers and errors through either, and a prompt, complete stop. With `--dashboard`,
+    Ray's own Serve CLI (`serve status`) works from another shell that knows nothing of Ray's token auth."""
     import signal
     import subprocess
     import sys
@@ -449,16 +453,19 @@ def test_the_serve_command_prints_its_url_and_stops_cleanly_on_sigterm(tiny_mode
     cli = Path(sys.executable).parent / "sentiment-nb"
     params = write_params(tmp_path / "params.yaml", {"serve": {"num_cpus": 0.25, "haproxy": haproxy}})
     # A $TMPDIR as long as this test's pushed HAProxy's socket paths past its limit, and it crashed at start-up.
+    # (Ray's dashboard cannot take one that long: its forkserver's socket path overflows, hence one or the other.)
     run_dir = tmp_path / "tmp"
     run_dir.mkdir()
+    env = {**os.environ, "TMPDIR": str(run_dir)} if haproxy else None
     proc = subprocess.Popen([str(cli), "serve", "--model", str(tiny_model_dir), "--port", str(port),
-                             "--params", str(params)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=tmp_path, env={**os.environ, "TMPDIR": str(run_dir)})
+                             "--params", str(params), *([] if haproxy else ["--dashboard"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, env=env)
     url = f"http://127.0.0.1:{port}"
     started = {}
     try:
         line = proc.stdout.readline()  # printed once /healthz answers
-        assert line.startswith(f"Serving {tiny_model_dir} at {url}/"), (line, proc.poll())
+        assert line.startswith(f"Serving {tiny_model_dir} at {url}/"), (line, proc.wait(60), proc.stderr.read()[-3000:])
         assert httpx.get(url + "/healthz", timeout=30).status_code == 200
         check_prediction(httpx.post(url + "/predict", json={"text": TEXTS[0]}, timeout=60).json())
         r = httpx.post(url + "/predict", json={"text": " "}, timeout=60)
@@ -467,6 +474,15 @@ def test_the_serve_command_prints_its_url_and_stops_cleanly_on_sigterm(tiny_mode
         assert any("raylet" in n for n in started.values()), started
         configs = [Path(c[c.index("-f") + 1]) for c in haproxy_command_lines(started)]
         assert len(configs) == haproxy, started
+        if not haproxy:
+            shell = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+            status = subprocess.run([str(cli.parent / "serve"), "status"], capture_output=True, text=True,
+                                    timeout=120, env=shell)
+            assert status.returncode == 0, status.stderr[-2000:]
+            app = yaml.safe_load(status.stdout)["applications"][APP_NAME]
+            assert app["status"] == "RUNNING", status.stdout
+            assert {d: v["status"] for d, v in app["deployments"].items()} == \
+                {"SentimentModel": "HEALTHY", "SentimentAPI": "HEALTHY"}, status.stdout
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
@@ -491,7 +507,6 @@ def test_serve_run_with_the_committed_config(tiny_model_dir, tmp_path):
     import subprocess
     import sys
 
-    import yaml
     from helpers import REPO
 
     port = free_port()
