@@ -6,6 +6,7 @@ process that the server started (raylet, gcs_server and the workers under them) 
 """
 import os
 import shutil
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -65,6 +66,26 @@ def haproxy_command_lines(pids) -> list[list[str]]:
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+def assert_all_end(started: dict, timeout_s: float = 60) -> None:
+    "Wait up to `timeout_s` for the processes `started` (pid -> name) to end; fail naming any still running."
+    deadline = time.monotonic() + timeout_s
+    while alive(started) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not alive(started), {pid: started[pid] for pid in alive(started)}
+
+
+def kill_leftovers(proc, started: dict) -> None:
+    "Kill the command `proc` (its process group if it has its own) and what it `started`: nothing for the next tests."
+    if proc.poll() is None:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait()
+    for pid in alive(started):
+        psutil.Process(pid).kill()
 
 
 def alive(pids) -> list[int]:
@@ -445,7 +466,6 @@ def test_the_serve_command_prints_its_url_and_stops_cleanly_on_sigterm(tiny_mode
     """Both front ends: Serve's own proxy (the loopback default) and HAProxy (the default on other hosts, so the
     Docker image's): the same answers and errors through either, and a prompt, complete stop. With `--dashboard`,
     Ray's own Serve CLI (`serve status`) works from another shell that knows nothing of Ray's token auth."""
-    import signal
     import subprocess
     import sys
 
@@ -489,21 +509,13 @@ def test_the_serve_command_prints_its_url_and_stops_cleanly_on_sigterm(tiny_mode
         assert proc.returncode == 0 and err.rstrip().endswith("Stopped."), err[-2000:]
         assert time.monotonic() - t0 < 20  # about 6 s here; HAProxy's own draining default alone would be 30 s
         assert not [c for c in configs if c.parents[1].exists()], configs  # the server's HAProxy folder is gone
-        deadline = time.monotonic() + 60
-        while alive(started) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not alive(started), {pid: started[pid] for pid in alive(started)}
+        assert_all_end(started)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in alive(started):  # do not leave them to the next tests
-            psutil.Process(pid).kill()
+        kill_leftovers(proc, started)
 
 
 def test_serve_run_with_the_committed_config(tiny_model_dir, tmp_path):
     "Ray's own `serve run serve_config.yaml`, with the committed file (only the port changed), answers and stops."
-    import signal
     import subprocess
     import sys
 
@@ -516,8 +528,11 @@ def test_serve_run_with_the_committed_config(tiny_model_dir, tmp_path):
     write_params(tmp_path / "params.yaml", smoke_params(FIXTURE_DATA, tiny_model_dir,
                                                          serve={"model": str(tiny_model_dir), "port": port}))
     cli = Path(sys.executable).parent / "serve"
+    # SIGINT as a terminal leaves it: a test run started in the background (`cmd &`) inherits it ignored, and
+    # `serve run`, which only catches KeyboardInterrupt, would then never stop.
     proc = subprocess.Popen([str(cli), "run", "serve_config.yaml"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=tmp_path, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+                            text=True, cwd=tmp_path, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     url, started = f"http://127.0.0.1:{port}", {}
     try:
         deadline, health = time.monotonic() + 180, None
@@ -537,16 +552,9 @@ def test_serve_run_with_the_committed_config(tiny_model_dir, tmp_path):
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=90)
         assert proc.returncode == 0, out[-3000:]
-        deadline = time.monotonic() + 60
-        while alive(started) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not alive(started), {pid: started[pid] for pid in alive(started)}
+        assert_all_end(started)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in alive(started):
-            psutil.Process(pid).kill()
+        kill_leftovers(proc, started)
 
 
 def test_the_serve_command_says_why_haproxy_did_not_start(tiny_model_dir, tmp_path):
@@ -573,23 +581,15 @@ def test_the_serve_command_says_why_haproxy_did_not_start(tiny_model_dir, tmp_pa
         assert last.startswith("sentiment-nb: error: HAProxy did not start: ") and "too long" in last, last
         assert "serve.haproxy: false" in last, last
         assert any("raylet" in n for n in started.values()), started
-        deadline = time.monotonic() + 60
-        while alive(started) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not alive(started), {pid: started[pid] for pid in alive(started)}
+        assert_all_end(started)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in alive(started):
-            psutil.Process(pid).kill()
+        kill_leftovers(proc, started)
 
 
 def test_a_sigterm_to_the_whole_process_group_leaves_no_haproxy_behind(tiny_model_dir, tmp_path):
     """`timeout`, `kill -- -PGID` and systemd signal Ray's workers too: Serve's controller dies under the shutdown
     (which then waits 30 s for it), and an HAProxy outlived everything, holding the ports, until `stop_server` ended
     the ones running on its folder."""
-    import signal
     import subprocess
     import sys
 
@@ -616,13 +616,6 @@ def test_a_sigterm_to_the_whole_process_group_leaves_no_haproxy_behind(tiny_mode
         with httpx.Client() as client:  # nothing answers on the port any more
             with pytest.raises(httpx.ConnectError):
                 client.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
-        deadline = time.monotonic() + 60
-        while alive(started) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not alive(started), {pid: started[pid] for pid in alive(started)}
+        assert_all_end(started)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for pid in alive(started):
-            psutil.Process(pid).kill()
+        kill_leftovers(proc, started)
