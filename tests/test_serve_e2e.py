@@ -18,7 +18,7 @@ import pytest
 import yaml
 from helpers import FIXTURE_DATA, export_with_onnx, fixture_texts, free_port, smoke_params, write_params
 
-from sentiment_nb.serve import APP_NAME
+from sentiment_nb.serve import APP_NAME, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -535,18 +535,9 @@ def test_serve_run_with_the_committed_config(tiny_model_dir, tmp_path):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     url, started = f"http://127.0.0.1:{port}", {}
     try:
-        deadline, health = time.monotonic() + 180, None
-        while proc.poll() is None and time.monotonic() < deadline:
-            started.update({p.pid: p.name() for p in psutil.Process(proc.pid).children(recursive=True)})
-            try:
-                health = httpx.get(url + "/healthz", timeout=5)
-                if health.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        assert health is not None and health.status_code == 200, (proc.poll(), health and health.text)
-        assert health.json()["labels"] == ["negative", "positive"]
+        health = wait_healthy(url, timeout_s=180)  # `serve run` prints no URL to wait for
+        started = {p.pid: p.name() for p in psutil.Process(proc.pid).children(recursive=True)}
+        assert health["labels"] == ["negative", "positive"]
         check_prediction(httpx.post(url + "/predict", json={"text": TEXTS[0]}, timeout=60).json())
         assert httpx.get(url + "/", timeout=30).status_code == 200
         proc.send_signal(signal.SIGINT)
