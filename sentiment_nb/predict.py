@@ -13,9 +13,10 @@ import numpy as np
 from .config import MODEL_DIR_HELP, ONNX_FILES, ONNX_SUBDIR, ModelDirError, check_model_dir, pick_device
 
 # %% auto #0
-__all__ = ['BACKENDS', 'BACKEND_CHOICES', 'SPEED_ORDER', 'InputError', 'check_texts', 'softmax', 'BasePredictor', 'Predictor',
-           'column_major_linears', 'onnx_file', 'OnnxPredictor', 'recorded_backends', 'json_preview', 'auto_device',
-           'select_backend', 'load_predictor', 'files_stamp', 'predict']
+__all__ = ['PASS_COST_TOKENS', 'BACKENDS', 'BACKEND_CHOICES', 'SPEED_ORDER', 'InputError', 'check_texts', 'length_chunks',
+           'softmax', 'BasePredictor', 'Predictor', 'column_major_linears', 'onnx_file', 'OnnxPredictor',
+           'recorded_backends', 'json_preview', 'auto_device', 'select_backend', 'load_predictor', 'files_stamp',
+           'predict']
 
 # %% ../nbs/04a_predict.ipynb #66a35bd8
 class InputError(ValueError):
@@ -37,7 +38,28 @@ def check_texts(texts) -> list[str]:
             raise InputError(f"Text {i} is empty or only whitespace.")
     return list(texts)
 
-# %% ../nbs/04a_predict.ipynb #8d6f3120
+# %% ../nbs/04a_predict.ipynb #cb258005
+PASS_COST_TOKENS = 35  # what a forward pass costs on a CPU beyond its padded tokens, in tokens
+
+
+def length_chunks(lengths, max_batch: int, pass_cost: float | None = PASS_COST_TOKENS) -> list[tuple[int, int]]:
+    "Cut texts of ascending `lengths` into forward passes `(start, end)` of at most `max_batch` that cost least."
+    n = len(lengths)
+    if pass_cost is None:
+        return [(start, min(start + max_batch, n)) for start in range(0, n, max_batch)]
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)  # best cost of the first `end` texts, and its last cut
+    for end in range(1, n + 1):
+        for start in range(max(0, end - max_batch), end):
+            cost = best[start] + pass_cost + (end - start) * lengths[end - 1]  # sorted: the last is the longest
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    chunks, end = [], n
+    while end:
+        chunks.append((cut[end], end))
+        end = cut[end]
+    return chunks[::-1]
+
+# %% ../nbs/04a_predict.ipynb #cda3df2d
 def _pick_max_length(limits, requested: int | None) -> int:
     "Tokens kept per text: `requested`, else the smallest sensible value of `limits`, else 512."
     if requested is not None:
@@ -64,6 +86,7 @@ class BasePredictor:
     backend: str = "?"
     labels: list[str]
     batch_size: int
+    pass_cost: float | None = PASS_COST_TOKENS  # see `length_chunks`; None: passes of `batch_size` texts in turn
 
     def predict_logits(self, texts, batch_size: int | None = None) -> np.ndarray:
         raise NotImplementedError
@@ -115,6 +138,8 @@ class Predictor(BasePredictor):
         self.model = model.to(self.device).eval()
         if self.device == "cpu":
             column_major_linears(self.model)
+        else:
+            self.pass_cost = None  # a GPU pass pads almost for free: keep passes full
         id2label = {int(k): v for k, v in model.config.id2label.items()}
         self.labels = [id2label[i] for i in range(model.config.num_labels)]
         self.max_length = _max_length(self.tokenizer, model.config, max_length)
@@ -132,8 +157,8 @@ class Predictor(BasePredictor):
         order = np.argsort(lengths, kind="stable")
         logits = np.empty((len(texts), len(self.labels)), dtype=np.float32)
         with torch.inference_mode():
-            for start in range(0, len(texts), bs):
-                idx = order[start:start + bs]
+            for start, end in length_chunks([lengths[i] for i in order], bs, self.pass_cost):
+                idx = order[start:end]
                 enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
                                      max_length=self.max_length, return_tensors="pt").to(self.device)
                 logits[idx] = self.model(**enc).logits.float().cpu().numpy()
@@ -153,7 +178,7 @@ def column_major_linears(model) -> int:
                 changed += 1
     return changed
 
-# %% ../nbs/04a_predict.ipynb #78e1b99c
+# %% ../nbs/04a_predict.ipynb #394eeb43
 BACKENDS = ("torch", "onnx", "onnx-int8")
 BACKEND_CHOICES = (*BACKENDS, "auto")
 
@@ -257,10 +282,11 @@ class OnnxPredictor(BasePredictor):
         texts = check_texts(texts)
         bs = self._batch_size(batch_size)
         encodings = self.tokenizer.encode_batch(texts)
-        order = np.argsort([len(e.ids) for e in encodings], kind="stable")
+        lengths = [len(e.ids) for e in encodings]
+        order = np.argsort(lengths, kind="stable")
         logits = np.empty((len(texts), len(self.labels)), dtype=np.float32)
-        for start in range(0, len(texts), bs):
-            idx = order[start:start + bs]
+        for start, end in length_chunks([lengths[i] for i in order], bs, self.pass_cost):
+            idx = order[start:end]
             logits[idx] = self.session.run(None, self._feed([encodings[i] for i in idx]))[0]
         return logits
 

@@ -114,3 +114,18 @@ def test_backends_bench_measures_a_backend_in_its_own_process(tiny_model_dir, tm
     p = subprocess.run([sys.executable, str(BENCH.parent / "backends.py"), "--model", str(tiny_model_dir),
                         "--backends", "onnx", "--no-serve"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "has no ONNX export" in p.stderr, p.stderr[-2000:]
+
+
+def test_length_chunks_bench_compares_the_cuts(tiny_model_dir, tmp_path):
+    out = tmp_path / "chunks.json"
+    p = subprocess.run([sys.executable, str(BENCH.parent / "length_chunks.py"), "--model", str(tiny_model_dir),
+                        "--data", str(FIXTURE_DATA / "test.jsonl"), "--groups", "6", "--costs", "0", "35",
+                        "--groups-per-block", "2", "--blocks", "2", "--batch-size", "4", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(rows) == ["fixed", "cost:0", "cost:35"]
+    assert rows["fixed"]["vs_fixed"] == 1 and all(r["ms_per_text"] > 0 for r in rows.values())
+    # the fewest passes are the fixed cut's, so a cut that costs least also pads least
+    assert rows["cost:0"]["padding"] <= rows["cost:35"]["padding"] <= rows["fixed"]["padding"]
+    assert rows["cost:0"]["padding"] == 1  # with passes free, no text is padded

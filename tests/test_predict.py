@@ -1,4 +1,5 @@
 """sentiment_nb.predict on the tiny (untrained) model: shapes, order, batching, and every error message."""
+import itertools
 import json
 import shutil
 import subprocess
@@ -8,7 +9,15 @@ import numpy as np
 import pytest
 from helpers import MIXED_TEXTS
 
-from sentiment_nb.predict import InputError, ModelDirError, Predictor, check_model_dir, check_texts, predict
+from sentiment_nb.predict import (
+    InputError,
+    ModelDirError,
+    Predictor,
+    check_model_dir,
+    check_texts,
+    length_chunks,
+    predict,
+)
 
 TEXTS = MIXED_TEXTS
 
@@ -66,6 +75,48 @@ def test_batch_equals_one_by_one_and_order_is_kept(predictor):
 def test_batch_size_does_not_change_results(predictor):
     np.testing.assert_allclose(predictor.predict_proba(TEXTS, batch_size=1),
                                predictor.predict_proba(TEXTS, batch_size=len(TEXTS)), atol=1e-5)
+
+
+def cut_cost(lengths, chunks, pass_cost):
+    return sum(pass_cost + (end - start) * lengths[end - 1] for start, end in chunks)
+
+
+def all_cuts(n, max_batch):
+    "Every way to cut n texts into contiguous passes of at most max_batch."
+    if n == 0:
+        yield []
+        return
+    for last in range(1, min(max_batch, n) + 1):
+        for head in all_cuts(n - last, max_batch):
+            yield [*head, (n - last, n)]
+
+
+@pytest.mark.parametrize("max_batch,pass_cost", [(1, 35), (3, 0), (3, 35), (4, 7.5), (8, 35), (8, 200)])
+def test_length_chunks_finds_the_cheapest_cut(max_batch, pass_cost):
+    rng = np.random.default_rng(max_batch)
+    for _ in range(40):
+        lengths = sorted(rng.integers(3, 70, size=rng.integers(1, 9)).tolist())
+        chunks = length_chunks(lengths, max_batch, pass_cost)
+        # contiguous passes that cover every text once, none over max_batch
+        assert chunks[0][0] == 0 and chunks[-1][1] == len(lengths)
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))
+        assert all(0 < end - start <= max_batch for start, end in chunks)
+        cheapest = min(cut_cost(lengths, c, pass_cost) for c in all_cuts(len(lengths), max_batch))
+        assert cut_cost(lengths, chunks, pass_cost) == pytest.approx(cheapest), (lengths, chunks)
+
+
+def test_length_chunks_without_a_pass_cost_cuts_every_max_batch():
+    assert length_chunks([1, 2, 3, 4, 5], 2, None) == [(0, 2), (2, 4), (4, 5)]
+
+
+@pytest.mark.parametrize("pass_cost", [0, 35, None])
+def test_how_a_batch_is_cut_does_not_change_results(predictor, pass_cost):
+    alone = np.stack([predictor.predict_proba([t])[0] for t in TEXTS])
+    predictor.pass_cost = pass_cost
+    try:
+        np.testing.assert_allclose(predictor.predict_proba(TEXTS, batch_size=4), alone, atol=1e-5)
+    finally:
+        predictor.pass_cost = type(predictor).pass_cost
 
 
 def test_a_cpu_predictor_stores_linear_weights_column_major_and_gives_the_same_logits(sharp_model_dir, predictor):
