@@ -12,8 +12,10 @@ requests per second), the p50/p95/p99 latency of the answered requests, and the 
 
     python bench/serve_load.py --model model --requests 400 --duration 30 --json bench/results.json
 
-`--rounds N` starts each server N times, alternating which goes first, and adds the medians over the rounds and
-Serve's ratios to the baseline, round by round: on a shared machine one run of each cannot settle a ratio.
+`--rounds N` (default 3) starts each server N times, alternating which goes first, and adds the medians over the
+rounds, Serve's ratios to the baseline round by round, and whether the speed targets are met: at concurrency 1 a
+p50 at most 1.5 times the baseline's, at 32 at least twice its throughput with a p99 under 1 s (set for the torch
+backend). On a shared machine one run of each cannot settle a ratio.
 
 It needs an exported model (`dvc repro`); the numbers mean something only for the fine-tuned model, and only on an
 otherwise idle machine.
@@ -243,11 +245,11 @@ def run_baseline_server(args, model: Path, sentences: list[str]) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per server and level, the median over rounds of p50 and throughput; for Serve, its ratios to the baseline.
+    """Per server and level, the medians over rounds of p50, p99 and throughput; for Serve, its ratios to the baseline.
 
-    `p50_ratio` is Serve's median p50 over the baseline's (the c1 target is at most 1.5), `p50_ratios` the same
-    ratio round by round, and `throughput_ratio` Serve's median throughput over the baseline's (the c32 target
-    is at least 2)."""
+    `p50_ratio` is Serve's median p50 over the baseline's (the c1 target is at most 1.5), `throughput_ratio` Serve's
+    median throughput over the baseline's (the c32 target is at least 2); `p50_ratios` and `throughput_ratios` are
+    the same ratios round by round."""
     med = lambda xs: round(statistics.median(xs), 2) if xs else None  # noqa: E731
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
@@ -256,17 +258,42 @@ def summarize(rows: list[dict]) -> list[dict]:
     for (server, c), rs in groups.items():
         out.append({"server": server, "concurrency": c, "rounds": len(rs),
                     "p50_ms": med([r["p50_ms"] for r in rs if r["p50_ms"] is not None]),
+                    "p99_ms": med([r["p99_ms"] for r in rs if r.get("p99_ms") is not None]),
                     "throughput_rps": med([r["throughput_rps"] for r in rs])})
     for s in out:
         base = next((b for b in out if b["server"].startswith("baseline") and b["concurrency"] == s["concurrency"]),
                     None)
         if not s["server"].startswith("serve") or base is None or not base["p50_ms"] or not base["throughput_rps"]:
             continue
-        pairs = [(a["p50_ms"], b["p50_ms"]) for a in groups[(s["server"], s["concurrency"])]
-                 for b in groups[(base["server"], s["concurrency"])] if a["round"] == b["round"] and b["p50_ms"]]
+        pairs = [(a, b) for a in groups[(s["server"], s["concurrency"])]
+                 for b in groups[(base["server"], s["concurrency"])] if a["round"] == b["round"]]
         s.update(p50_ratio=round(s["p50_ms"] / base["p50_ms"], 2),
-                 p50_ratios=[round(a / b, 2) for a, b in pairs],
-                 throughput_ratio=round(s["throughput_rps"] / base["throughput_rps"], 2))
+                 p50_ratios=[round(a["p50_ms"] / b["p50_ms"], 2) for a, b in pairs if a["p50_ms"] and b["p50_ms"]],
+                 throughput_ratio=round(s["throughput_rps"] / base["throughput_rps"], 2),
+                 throughput_ratios=[round(a["throughput_rps"] / b["throughput_rps"], 2) for a, b in pairs
+                                    if b["throughput_rps"]])
+    return out
+
+
+# The speed targets of issue #4, for the torch backend, on medians over rounds.
+MAX_C1_P50_RATIO, MIN_C32_THROUGHPUT_RATIO, MAX_C32_P99_MS = 1.5, 2.0, 1000.0
+
+
+def target_checks(summary: list[dict]) -> list[str]:
+    "A line per speed target that `summary` can answer: the figure, the target, and whether it is met."
+    out = []
+    for s in summary:
+        if "p50_ratio" not in s:
+            continue
+        if s["concurrency"] == 1:
+            ok = s["p50_ratio"] <= MAX_C1_P50_RATIO
+            out.append(f"{s['server']} c1: p50 {s['p50_ratio']}x the baseline's (target: at most "
+                       f"{MAX_C1_P50_RATIO}x): {'met' if ok else 'MISSED'}")
+        if s["concurrency"] == 32:
+            ok = s["throughput_ratio"] >= MIN_C32_THROUGHPUT_RATIO and (s["p99_ms"] or 0) < MAX_C32_P99_MS
+            out.append(f"{s['server']} c32: {s['throughput_ratio']}x the baseline's throughput, p99 {s['p99_ms']} ms "
+                       f"(target: at least {MIN_C32_THROUGHPUT_RATIO}x, p99 under {MAX_C32_P99_MS:.0f} ms): "
+                       f"{'met' if ok else 'MISSED'}")
     return out
 
 
@@ -292,7 +319,7 @@ def main(argv=None) -> int:
                    help="serve.haproxy: true (HAProxy in front, as `auto` does for a non-loopback host)")
     p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8", "auto"], default=None,
                    help="serve.backend of the Serve replica (default: params.yaml)")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=int, default=3,
                    help="run both servers this many times, alternating which goes first, and report medians "
                         "(default: %(default)s); this machine's speed drifts by tens of percent over minutes")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -334,12 +361,16 @@ def main(argv=None) -> int:
     summary = summarize(rows)
     if args.rounds > 1:
         print(f"\nmedians over {args.rounds} rounds")
-        print(table(summary, ["server", "concurrency", "rounds", "throughput_rps", "p50_ms", "throughput_ratio",
-                              "p50_ratio"]))
+        print(table(summary, ["server", "concurrency", "rounds", "throughput_rps", "p50_ms", "p99_ms",
+                              "throughput_ratio", "p50_ratio"]))
     for s in summary:
         if "p50_ratio" in s:
             print(f"{s['server']} / baseline at concurrency {s['concurrency']}: p50 {s['p50_ratio']}x "
-                  f"(by round: {s['p50_ratios']}), throughput {s['throughput_ratio']}x", flush=True)
+                  f"(by round: {s['p50_ratios']}), throughput {s['throughput_ratio']}x "
+                  f"(by round: {s['throughput_ratios']})", flush=True)
+    checks = target_checks(summary)
+    if checks:
+        print("\nspeed targets (set for the torch backend; medians over rounds):", *checks, sep="\n  ")
     if args.json:
         meta = {"model": str(model), "data": args.data, "cpus": args.cpus, "replicas": args.replicas,
                 "ingress_replicas": args.ingress_replicas, "haproxy": args.haproxy,

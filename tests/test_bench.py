@@ -17,7 +17,7 @@ def test_serve_load_drives_the_baseline(tiny_model_dir, tmp_path):
     out = tmp_path / "results.json"
     p = subprocess.run([sys.executable, str(BENCH), "--only", "baseline", "--model", str(tiny_model_dir),
                         "--data", str(FIXTURE_DATA / "test.jsonl"), "--concurrency", "1", "4", "--requests", "12",
-                        "--warmup", "2", "--json", str(out)], capture_output=True, text=True, timeout=300)
+                        "--warmup", "2", "--rounds", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
     assert [(r["server"], r["concurrency"]) for r in rows] == [("baseline", 1), ("baseline", 4)]
@@ -61,6 +61,25 @@ def test_summarize_takes_medians_over_rounds_and_pairs_ratios_by_round():
     assert (serve["p50_ms"], base["p50_ms"], serve["rounds"]) == (24.0, 16.0, 3)
     assert serve["p50_ratio"] == 1.5 and serve["p50_ratios"] == [3.0, 1.0, 1.5]
     assert serve["throughput_ratio"] == round(40 / 60, 2) and "p50_ratio" not in base
+    assert serve["throughput_ratios"] == [round(30 / 90, 2), 1.0, round(40 / 60, 2)]
+
+
+@pytest.mark.parametrize("c1_p50, c32_rps, c32_p99, met", [
+    (15.0, 140.0, 500.0, ("met", "met")),
+    (15.1, 140.0, 500.0, ("MISSED", "met")),     # c1 p50 just over 1.5 times the baseline's
+    (12.0, 139.0, 500.0, ("met", "MISSED")),     # c32 just under twice the baseline's throughput
+    (12.0, 200.0, 1000.0, ("met", "MISSED")),    # fast enough, but p99 not under 1 s
+])
+def test_target_checks_apply_the_issue_targets_to_the_medians(c1_p50, c32_rps, c32_p99, met):
+    bench = load_bench("serve_load")
+    row = lambda server, c, p50, p99, rps: {"server": server, "concurrency": c, "round": 1,  # noqa: E731
+                                            "p50_ms": p50, "p99_ms": p99, "throughput_rps": rps}
+    rows = [row("serve:torch", 1, c1_p50, 30.0, 60.0), row("baseline", 1, 10.0, 20.0, 90.0),
+            row("serve:torch", 32, 200.0, c32_p99, c32_rps), row("baseline", 32, 450.0, 600.0, 70.0)]
+    c1, c32 = bench.target_checks(bench.summarize(rows))
+    assert c1.startswith("serve:torch c1:") and c1.endswith(met[0])
+    assert c32.startswith("serve:torch c32:") and c32.endswith(met[1])
+    assert bench.target_checks(bench.summarize(rows[1::2])) == []  # the baseline alone has no ratios to check
 
 
 def test_serve_load_refuses_zero_rounds(tmp_path):
