@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = ['LRScheduler', 'RUN_LOCATION_KEYS', 'PARAMS_ENV', 'WEIGHTS_FILES', 'TOKENIZER_FILES', 'MODEL_DIR_HELP', 'ONNX_FILES',
            'ONNX_SUBDIR', 'RECORDED_PACKAGES', 'DataParams', 'ModelParams', 'TrainParams', 'EvaluateParams',
            'ServeParams', 'PathsParams', 'Params', 'ParamsError', 'find_params_file', 'parse_override', 'Settings',
-           'load_params', 'seed_everything', 'pick_device', 'hub_unreachable', 'ModelDirError', 'check_model_dir',
-           'git_revision', 'environment_info']
+           'load_params', 'seed_everything', 'pick_device', 'hub_unreachable', 'hub_reachable', 'hub_load_options',
+           'ModelDirError', 'check_model_dir', 'git_revision', 'environment_info']
 
 # %% ../nbs/00_config.ipynb #0309ffa8
 class _Section(BaseModel):
@@ -313,6 +313,34 @@ def hub_unreachable(err: BaseException) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
+
+# %% ../nbs/00_config.ipynb #8bf2d82d
+_TRUE = ("1", "on", "yes", "true")
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    "Whether the Hub's host accepts a connection within `timeout_s`; False in offline mode, True behind a proxy."
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(v, "").lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return False
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return True
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
+        return True
+    except OSError:  # the name does not resolve, or nothing answers
+        return False
+
+
+def hub_load_options(name_or_path: str) -> dict:
+    "Options for `from_pretrained(name_or_path)`: `local_files_only` when it is a Hub id and the Hub is out of reach."
+    if Path(name_or_path).is_dir() or hub_reachable():
+        return {}
+    return {"local_files_only": True}
 
 # %% ../nbs/00_config.ipynb #5aca2b2a
 class ModelDirError(ValueError):

@@ -170,3 +170,79 @@ def test_tokenize_truncates_and_records_true_length(tiny_data_dir, tiny_model_di
     hist = token_histogram(tok)
     assert list(hist.columns) == ["tokens", "train", "validation", "test"]
     assert hist[["train", "validation", "test"]].sum().tolist() == [32, 12, 12]
+
+
+@pytest.fixture
+def hub_out_of_reach(monkeypatch):
+    "The Hub's endpoint on a loopback port that nothing listens on, outside offline mode and without a proxy."
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+
+
+def spy_on_from_pretrained(monkeypatch, cls) -> list[dict]:
+    "Record the keyword arguments of every `cls.from_pretrained` call, then make the call."
+    calls, real = [], cls.from_pretrained
+
+    def spy(name, *args, **kwargs):
+        calls.append(kwargs)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "from_pretrained", spy)
+    return calls
+
+
+def test_an_unreachable_hub_is_not_retried_for_the_tokenizer(hub_out_of_reach, monkeypatch):
+    from transformers import AutoTokenizer
+
+    calls = spy_on_from_pretrained(monkeypatch, AutoTokenizer)
+    with pytest.raises(DataError, match="(?s)Could not reach the Hugging Face Hub.*model.checkpoint"):
+        load_tokenizer("distilbert-base-uncased")
+    assert calls == [{"local_files_only": True}]  # the cache or nothing: no minute of retries
+
+
+def test_an_unreachable_hub_is_not_retried_for_the_model(hub_out_of_reach, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    from sentiment_nb.train import load_model
+
+    calls = spy_on_from_pretrained(monkeypatch, AutoModelForSequenceClassification)
+    with pytest.raises(DataError, match="Could not reach the Hugging Face Hub to download model"):
+        load_model("distilbert-base-uncased")
+    assert [c.get("local_files_only") for c in calls] == [True]
+
+
+def test_a_local_checkpoint_never_probes_the_hub(tiny_model_dir, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a local folder must not open a connection")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert load_tokenizer(str(tiny_model_dir)).vocab_size > 0
+
+
+def test_an_unreachable_hub_still_loads_a_cached_checkpoint(hub_out_of_reach, tiny_model_dir, tmp_path):
+    "A checkpoint in the Hugging Face cache loads with the Hub out of reach (in a fresh process: the cache is set at import)."
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    code = ("from sentiment_nb.data import load_tokenizer; from sentiment_nb.train import load_model; "
+            "print(load_tokenizer('someone/tiny').vocab_size, load_model('someone/tiny').config.id2label)")
+    p = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub")},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    vocab, labels = p.stdout.split(" ", 1)
+    assert int(vocab) > 0 and "positive" in labels
