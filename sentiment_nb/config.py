@@ -15,11 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # %% auto #0
-__all__ = ['LRScheduler', 'RUN_LOCATION_KEYS', 'PARAMS_ENV', 'WEIGHTS_FILES', 'TOKENIZER_FILES', 'MODEL_DIR_HELP', 'ONNX_FILES',
-           'ONNX_SUBDIR', 'RECORDED_PACKAGES', 'DataParams', 'ModelParams', 'TrainParams', 'EvaluateParams',
-           'ServeParams', 'PathsParams', 'Params', 'ParamsError', 'find_params_file', 'parse_override', 'Settings',
-           'load_params', 'seed_everything', 'pick_device', 'hub_unreachable', 'hub_reachable', 'hub_load_options',
-           'ModelDirError', 'check_model_dir', 'git_revision', 'environment_info']
+__all__ = ['LRScheduler', 'RUN_LOCATION_KEYS', 'PARAMS_ENV', 'PROXY_VARS', 'WEIGHTS_FILES', 'TOKENIZER_FILES', 'MODEL_DIR_HELP',
+           'ONNX_FILES', 'ONNX_SUBDIR', 'RECORDED_PACKAGES', 'DataParams', 'ModelParams', 'TrainParams',
+           'EvaluateParams', 'ServeParams', 'PathsParams', 'Params', 'ParamsError', 'find_params_file',
+           'parse_override', 'Settings', 'load_params', 'seed_everything', 'pick_device', 'hub_unreachable',
+           'hub_reachable', 'hub_load_options', 'ModelDirError', 'check_model_dir', 'git_revision', 'environment_info']
 
 # %% ../nbs/00_config.ipynb #0309ffa8
 class _Section(BaseModel):
@@ -314,9 +314,9 @@ def hub_unreachable(err: BaseException) -> bool:
         err = err.__cause__ or err.__context__
     return False
 
-# %% ../nbs/00_config.ipynb #8bf2d82d
+# %% ../nbs/00_config.ipynb #a0fceb5b
 _TRUE = ("1", "on", "yes", "true")
-_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -326,7 +326,7 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
 
     if any(os.environ.get(v, "").lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
         return False
-    if any(os.environ.get(v) for v in _PROXY_VARS):
+    if any(os.environ.get(v) for v in PROXY_VARS):
         return True
     url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:

@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import pytest
 
-from sentiment_nb.config import load_params
+from sentiment_nb.config import PROXY_VARS, load_params
 from sentiment_nb.data import (
     DataError,
     data_report,
@@ -180,7 +180,7 @@ def hub_out_of_reach(monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *PROXY_VARS):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
 
