@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 from helpers import MIXED_TEXTS, TEST_METRICS, backend_scores, build_tiny_model, export_with_onnx, fixture_texts
 
@@ -51,6 +52,15 @@ def test_export_writes_both_graphs_and_the_check(onnx_dir):
     assert check["fp32"]["label_agreement"] == 1.0
     assert 0 <= check["int8"]["label_agreement"] <= 1 and check["int8"]["max_abs_diff"] >= 0
     assert 0 < check["int8"]["size_mb"] < check["fp32"]["size_mb"]
+
+
+def test_a_rerun_writes_the_same_bytes_so_export_does_not_rerun(tiny_model_dir, onnx_dir, tmp_path):
+    again = write_onnx(tiny_model_dir, tmp_path, fixture_texts(), batch_size=8)
+    for name in ("model.onnx", "model.int8.onnx", "check.json"):  # all three are dependencies of `export`
+        assert (tmp_path / name).read_bytes() == (onnx_dir / name).read_bytes(), name
+    assert "seconds" in again and "seconds" not in json.loads((tmp_path / "check.json").read_text())
+    graph = onnx.load(tmp_path / "model.onnx").graph  # a stack trace names the (notebook's temporary) source file
+    assert graph.node and not [p for n in graph.node for p in n.metadata_props if "stack_trace" in p.key]
 
 
 def test_fp32_graph_matches_torch_for_any_batch_and_length(tiny_model_dir, onnx_dir):

@@ -138,6 +138,12 @@ def test_second_repro_is_a_noop(project):
     assert dvc(root, "status").stdout.strip() == "Data and pipelines are up to date."
 
 
+def test_rerunning_onnx_on_the_same_model_leaves_export_up_to_date(project):
+    root, _ = project
+    assert ran(dvc(root, "repro", "--force", "--single-item", "onnx").stdout) == ["onnx"]
+    assert dvc(root, "status").stdout.strip() == "Data and pipelines are up to date."  # same graphs, same check.json
+
+
 def test_params_changes_rerun_only_the_stages_that_read_them(project):
     root, _ = project
     params = yaml.safe_load((root / "params.yaml").read_text())
