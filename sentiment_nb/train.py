@@ -508,7 +508,7 @@ def restore_checkpoints(checkpoints: list, folder: str | Path) -> list[str]:
                 restored.append(target.name)
     return sorted(restored)
 
-# %% ../nbs/02_train.ipynb #9fd2e8c4
+# %% ../nbs/02_train.ipynb #a66a08ad
 def ray_address(settings: Settings) -> str | None:
     "The cluster to train on: `train.ray_address`, else `$RAY_ADDRESS`, else None (start a local Ray)."
     return settings.train.ray_address or os.environ.get("RAY_ADDRESS") or None
@@ -534,7 +534,7 @@ def train_on_ray(settings: Settings, resume_from: str | None = None, callbacks: 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     import pyarrow.fs
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t = settings.train
@@ -572,7 +572,7 @@ def train_on_ray(settings: Settings, resume_from: str | None = None, callbacks: 
         )
         try:
             result = trainer.fit()
-        except TrainingFailedError:
+        except BaseException:  # a failed worker, and Ctrl-C too: the run folder is deleted below
             _restore_after_failure(fs, run_dir, settings.path("checkpoints"))  # the next run resumes from them
             raise
         summary = collect_outputs(result.checkpoint, settings)

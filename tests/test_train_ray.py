@@ -252,6 +252,40 @@ def test_a_failed_two_worker_run_resumes_from_its_last_checkpoint(tmp_path, tiny
     assert not list(storage.glob("sentiment-nb-train-*"))  # both runs' folders were removed from the storage
 
 
+@pytest.mark.slow
+def test_an_interrupted_two_worker_run_brings_its_checkpoints_home(tmp_path, tiny_model_dir, monkeypatch):
+    "Ctrl-C in the driver during a Ray run: the checkpoints made so far come back before the run folder goes."
+    import _thread
+    import threading
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    storage = tmp_path / "storage"
+    s = prepared_settings(tmp_path / "project", tiny_model_dir, batch_size=4, num_workers=2, epochs=24,
+                          storage_path=str(storage))
+    interrupted, done = [], threading.Event()
+
+    def interrupt_after_the_first_checkpoint():
+        deadline = time.time() + 240
+        while not list(storage.glob("sentiment-nb-train-*/checkpoint_manager_snapshot.json")):
+            if time.time() > deadline or done.is_set():
+                return
+            time.sleep(0.2)
+        interrupted.append(time.time())
+        _thread.interrupt_main()  # what Ctrl-C does: KeyboardInterrupt in the main thread
+
+    interrupter = threading.Thread(target=interrupt_after_the_first_checkpoint, daemon=True)
+    interrupter.start()
+    try:
+        with pytest.raises((KeyboardInterrupt, SystemExit)):  # Ray Train aborts the run on SIGINT, then exits 1
+            train(s)
+    finally:
+        done.set()
+        interrupter.join()
+    assert interrupted, "the run ended before its first checkpoint"
+    assert list(s.path("checkpoints").glob("checkpoint-*")), "the interrupted run's checkpoints were lost"
+    assert not list(storage.glob("sentiment-nb-train-*"))  # its run folder was still cleaned up
+
+
 def pids_of(marker: str) -> list[int]:
     "The processes whose command line mentions `marker` (the head's own temp dir): this Ray instance only."
     pids = []
