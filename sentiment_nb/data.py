@@ -127,7 +127,7 @@ def validate_split(df: pd.DataFrame, name: str, show: int = 5) -> pd.DataFrame:
                         + "\n  ".join(problems[:show]) + more)
     return pd.DataFrame({"text": df["text"].astype(str), "label": df["label"].astype(int)})
 
-# %% ../nbs/01_data.ipynb #200db1eb
+# %% ../nbs/01_data.ipynb #beeaf719
 def load_local_splits(folder: str | Path) -> DatasetDict:
     "Read and check the train/validation/test files in `folder`."
     splits = {}
@@ -149,11 +149,11 @@ def load_hub_splits(dataset_id: str, not_a_folder: str | Path | None = None) -> 
     try:
         raw = load_dataset(dataset_id)
     except Exception as e:
+        tried = f" There is no local folder {str(not_a_folder)!r} either." if not_a_folder else ""
         if hub_unreachable(e):
-            tried = f" There is no local folder {str(not_a_folder)!r} either." if not_a_folder else ""
             raise DataError(f"Could not reach the Hugging Face Hub to download dataset {dataset_id!r}.{tried}\n"
                             + OFFLINE_HELP) from None
-        raise DataError(f"Could not load dataset {dataset_id!r} from the Hub ({type(e).__name__}: {e}). "
+        raise DataError(f"Could not load dataset {dataset_id!r} from the Hub ({type(e).__name__}: {e}).{tried} "
                         f"Check the id, or point `data.source` at a local folder.") from None
     splits = {}
     for split in SPLITS:

@@ -1,5 +1,6 @@
 """The `prepare` stage's library: loading, every validation error, the report, tokenizing."""
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -134,14 +135,34 @@ def test_a_mistyped_local_folder_is_named_in_the_offline_error(monkeypatch, tmp_
     assert f"There is no local folder {str(tmp_path.resolve() / 'data' / 'rt')!r} either." in str(e.value)
 
 
+def test_a_mistyped_local_folder_is_named_when_the_hub_has_no_such_dataset(monkeypatch, tmp_path):
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    def not_on_the_hub(name, *args, **kwargs):  # what an online Hub answers for an unknown id
+        raise DatasetNotFoundError(f"Dataset '{name}' doesn't exist on the Hub or cannot be accessed.")
+
+    monkeypatch.setattr(datasets, "load_dataset", not_on_the_hub)
+    (tmp_path / "params.yaml").write_text("data:\n  source: data/rt\n")
+    with pytest.raises(DataError) as e:
+        load_splits(load_params(tmp_path / "params.yaml"))
+    msg = str(e.value)
+    assert "Could not load dataset 'data/rt' from the Hub (DatasetNotFoundError" in msg
+    assert f"There is no local folder {str(tmp_path.resolve() / 'data' / 'rt')!r} either." in msg
+
+
 def test_missing_local_checkpoint(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_tokenizer(str(tmp_path / "no-model"))
 
 
-def test_source_relative_to_params_file(tmp_path, tiny_data_dir):
-    (tmp_path / "params.yaml").write_text(f"data:\n  source: {tiny_data_dir}\n")
-    assert load_splits(load_params(tmp_path / "params.yaml")).num_rows["test"] == 12
+def test_source_relative_to_params_file(tmp_path, tiny_data_dir, monkeypatch):
+    shutil.copytree(tiny_data_dir, tmp_path / "project" / "rt")
+    (tmp_path / "project" / "params.yaml").write_text("data:\n  source: rt\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # so `rt` resolves against the params file, not the working folder
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # were it read as a Hub id, fail at once
+    assert load_splits(load_params(tmp_path / "project" / "params.yaml")).num_rows["test"] == 12
 
 
 def test_report_counts_duplicates_and_leaks(folder):
