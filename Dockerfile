@@ -28,7 +28,7 @@ WORKDIR /app
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 # Only the serving stack: the training tools (dvc, datasets, papermill...) stay out of the image.
-RUN pip install "ray[serve]>=2.60" "transformers>=5.0,<6" tokenizers safetensors onnxruntime numpy pyyaml "pydantic>=2" \
+RUN pip install "ray[serve]>=2.60" "transformers>=5.2,<6" tokenizers safetensors "onnxruntime>=1.20" numpy pyyaml "pydantic>=2" \
         fastapi fastapi-offline uvicorn httpx
 
 COPY settings.ini setup.py pyproject.toml README.md ./

@@ -119,3 +119,23 @@ def test_cpu_torch_by_default_with_a_build_arg_for_cuda():
 @pytest.mark.parametrize("pkg", ["ray[serve]", "transformers", "fastapi"])
 def test_serving_dependencies_are_installed(pkg):
     assert any(pkg in a for a in args_of("RUN"))
+
+
+def test_the_image_pins_what_settings_ini_pins():
+    "A package the image installs by hand carries the same version range as in settings.ini, so the two can't drift."
+    import configparser
+
+    from packaging.requirements import Requirement
+
+    ini = configparser.ConfigParser()
+    ini.read(REPO / "settings.ini")
+    wanted = {(r := Requirement(t)).name: r for t in ini["DEFAULT"]["requirements"].split()}
+    installs = [shlex.split(a.split("&&")[0]) for a in args_of("RUN") if a.startswith("pip install") and "torch==" not in a]
+    assert installs, "the image installs its serving stack with pip"
+    checked = []
+    for token in (t for words in installs for t in words[2:] if not t.startswith("-") and t != "."):
+        got = Requirement(token)
+        assert got.name in wanted, f"the image installs {got.name}, which settings.ini does not require"
+        assert (got.specifier, got.extras) == (wanted[got.name].specifier, wanted[got.name].extras), token
+        checked.append(got.name)
+    assert {"transformers", "ray", "onnxruntime"} <= set(checked)
