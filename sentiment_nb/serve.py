@@ -521,7 +521,7 @@ class SentimentModel:
         return {"labels": list(self.predictor.labels), "device": str(self.predictor.device),
                 "backend": self.predictor.backend, "probe": out["results"][0]["label"]}
 
-# %% ../nbs/05_serve.ipynb #a23a4c0b
+# %% ../nbs/05_serve.ipynb #5bd8d8a0
 HEALTH_TIMEOUT_S = 10.0
 _RESPONSES = {**{k: {"model": ErrorResponse} for k in (400, 413, 422, 500)},
               503: {"description": "Overloaded: Ray Serve's own plain-text answer, `Request dropped due to backpressure`.",
@@ -559,12 +559,12 @@ class SentimentAPI:
 
     async def classify_group(self, requests: list[list[str]]) -> list[dict | Exception]:
         "One call to the model for the texts of a group of requests; each request gets its own results back."
-        from ray.serve.exceptions import BackPressureError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         try:
             out = await self.call_model([t for texts in requests for t in texts])
-        except BackPressureError:
-            raise  # the model's queue is full: every request of the group gets its 503
+        except (BackPressureError, DeploymentUnavailableError):
+            raise  # the model's queue is full, or it has no replica: every request of the group gets its 503
         except Exception:
             if len(requests) == 1:
                 raise
@@ -577,7 +577,7 @@ class SentimentAPI:
               responses=_RESPONSES,
               summary="Classify one sentence (`text`) or several (`texts`)")
     async def predict(self, body: PredictRequest):
-        from ray.serve.exceptions import BackPressureError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         t0 = time.perf_counter()
         texts = request_texts(body, self.max_chars, self.max_texts)
@@ -586,6 +586,9 @@ class SentimentAPI:
         except BackPressureError:
             count("errors", "error", "overloaded")
             raise
+        except DeploymentUnavailableError:  # the model deployment failed to deploy: not this request's fault
+            count("errors", "error", "unavailable")
+            raise  # Ray Serve answers 503, as for backpressure
         except Exception as e:  # a fault of the server, not of the request: a 500, counted and logged
             count("errors", "error", "internal")
             logger.error(json.dumps({"event": "failed", "error": type(e).__name__, "detail": str(e)[:300],

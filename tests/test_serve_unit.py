@@ -311,6 +311,51 @@ def test_a_request_the_model_fails_on_fails_alone(tiny_model_dir):
     assert got["calls"][:4] == [1, 3, 2, 1]  # the first alone; the group of two requests (3 texts); then each alone
 
 
+UNAVAILABLE_SCRIPT = """
+import asyncio, json
+from ray.serve import batching
+from ray.serve._private.common import DeploymentID
+from ray.serve.exceptions import DeploymentUnavailableError
+from sentiment_nb.serve import PredictRequest, SentimentAPI
+
+batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None  # needs a replica
+
+class Handle:  # a model deployment that failed to deploy, as the ingress sees it
+    calls = []
+
+    def __init__(self):
+        self.predict = self
+
+    async def _call(self, texts):
+        Handle.calls.append(len(texts))
+        await asyncio.sleep(0.05)
+        raise DeploymentUnavailableError(DeploymentID(name="SentimentModel", app_name="sentiment"))
+
+    def remote(self, texts):
+        return self._call(texts)
+
+ingress_class = SentimentAPI.func_or_class.__mro__[1]
+api = ingress_class.__new__(ingress_class)
+ingress_class.__init__(api, Handle(), group_size=8, max_groups=1)
+
+async def main():
+    first = asyncio.create_task(api.predict(PredictRequest(text="the first request")))
+    await asyncio.sleep(0.01)  # in flight: the next two are grouped
+    got = await asyncio.gather(first, api.predict(PredictRequest(texts=["fine", "dull"])),
+                               api.predict(PredictRequest(text="long")), return_exceptions=True)
+    return {"answers": [type(x).__name__ for x in got], "calls": Handle.calls}
+
+print(json.dumps(asyncio.run(main())))
+"""
+
+
+def test_a_model_deployment_without_replicas_gives_every_request_a_503_not_a_500():
+    # Ray Serve's own handler turns a DeploymentUnavailableError raised by the app into a 503; a JSON 500 would
+    # blame the request. A group is not resent one by one: no replica could take any of them.
+    got = run_script(UNAVAILABLE_SCRIPT)
+    assert got == {"answers": ["DeploymentUnavailableError"] * 3, "calls": [1, 3]}
+
+
 def test_haproxy_env_gives_each_server_its_own_files_and_a_free_port_for_a_taken_default(tmp_path, monkeypatch):
     import socket
 
