@@ -83,6 +83,19 @@ def test_target_checks_apply_the_issue_targets_to_the_medians(c1_p50, c32_rps, c
     assert bench.target_checks(bench.summarize(rows[1::2])) == []  # the baseline alone has no ratios to check
 
 
+def test_a_level_with_errors_misses_its_target_whatever_the_figures():
+    bench = load_bench("serve_load")
+    row = lambda server, c, p50, rps, errors: {"server": server, "concurrency": c, "round": 1,  # noqa: E731
+                                               "p50_ms": p50, "p99_ms": 300.0, "throughput_rps": rps, "errors": errors}
+    rows = [row("serve:torch", 1, 12.0, 60.0, {}), row("baseline", 1, 10.0, 90.0, {"503": 2}),
+            row("serve:torch", 32, 200.0, 200.0, {"503": 5, "ConnectError": 1}), row("baseline", 32, 450.0, 70.0, {})]
+    c1, c32 = bench.target_checks(bench.summarize(rows))
+    assert c1.endswith("MISSED") and "2 error(s)" in c1  # the baseline's errors count too
+    assert c32.endswith("MISSED") and "6 error(s)" in c32
+    rows[1]["errors"], rows[2]["errors"] = {}, {}
+    assert [line.rsplit(" ", 1)[1] for line in bench.target_checks(bench.summarize(rows))] == ["met", "met"]
+
+
 def test_serve_load_refuses_zero_rounds(tmp_path):
     p = subprocess.run([sys.executable, str(BENCH), "--rounds", "0"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "--rounds" in p.stderr
