@@ -33,14 +33,16 @@ def test_predict_one_text_prints_one_object(capsys, tiny_model_dir):
     check_prediction(json.loads(out))
 
 
-def test_predict_several_texts_prints_a_list_in_order(capsys, tiny_model_dir):
-    code, out, _ = run(capsys, "predict", *SENTENCES, "--model", str(tiny_model_dir), "--batch-size", "1")
+def test_predict_several_texts_prints_a_list_in_order(capsys, sharp_model_dir):
+    code, out, _ = run(capsys, "predict", *SENTENCES, "--model", str(sharp_model_dir), "--batch-size", "1")
     got = json.loads(out)
     assert code == 0 and isinstance(got, list) and len(got) == 2
     for p in got:
         check_prediction(p)
+    # The two texts score well apart, so answers in another order (length-sorted, say) would show.
+    assert abs(got[0]["probabilities"]["positive"] - got[1]["probabilities"]["positive"]) > 1e-2
     # The default batch size pads both texts into one batch, so the floats may differ in the last bits.
-    _, out_rev, _ = run(capsys, "predict", *SENTENCES[::-1], "--model", str(tiny_model_dir))
+    _, out_rev, _ = run(capsys, "predict", *SENTENCES[::-1], "--model", str(sharp_model_dir))
     rev = json.loads(out_rev)[::-1]
     assert [p["label"] for p in rev] == [p["label"] for p in got]
     for a, b in zip(rev, got, strict=True):

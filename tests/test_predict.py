@@ -23,21 +23,6 @@ TEXTS = MIXED_TEXTS
 
 
 @pytest.fixture(scope="module")
-def sharp_model_dir(tiny_model_dir, tmp_path_factory):
-    "The tiny model with its classifier scaled up, so that different texts get clearly different scores."
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("sharp")
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        model.classifier.weight.mul_(1000.0)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def predictor(sharp_model_dir):
     return Predictor(sharp_model_dir, device="cpu", batch_size=3)
 

@@ -57,3 +57,18 @@ def tiny_data_dir() -> Path:
 def smoke_params_file() -> Path:
     "The smoke params file the notebooks run with (outputs go next to it)."
     return Path(os.environ["SENTIMENT_NB_PARAMS"])
+
+
+@pytest.fixture(scope="session")
+def sharp_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    "The tiny model with its classifier scaled up, so that different texts get clearly different scores."
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("sharp")
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.classifier.weight.mul_(1000.0)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
