@@ -264,7 +264,7 @@ def check_capacity(sp: ServeParams, cpus: float, gpus: float = 0) -> None:
         raise CapacityError(f"{n} replica(s) of {sp.num_gpus} GPU need {need_gpu:g} GPUs; Ray has {gpus:g}. "
                             f"Set serve.num_gpus to 0 to serve on the CPU.")
 
-# %% ../nbs/05_serve.ipynb #b2074837
+# %% ../nbs/05_serve.ipynb #ab630531
 INDEX_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>sentiment_nb</title>
@@ -289,8 +289,11 @@ INDEX_HTML = """<!doctype html>
 <div id="probs"></div>
 <div id="error" role="alert"></div>
 <p><small>API: <code>POST /predict</code> with <code>{"text": "..."}</code> or <code>{"texts": [...]}</code>.
- Docs at <a href="docs">/docs</a>.</small></p>
+ Docs at <a id="docs" href="docs">/docs</a>.</small></p>
 <script>
+// Under a route prefix the page may be at /prefix, without a trailing slash: resolve against the page itself.
+const base = location.pathname.endsWith("/") ? location.pathname : location.pathname + "/";
+document.getElementById("docs").href = base + "docs";
 const form = document.getElementById("form");
 form.addEventListener("submit", async (ev) => {
   ev.preventDefault();
@@ -298,9 +301,11 @@ form.addEventListener("submit", async (ev) => {
         err = document.getElementById("error");
   out.textContent = "…"; probs.textContent = ""; err.textContent = "";
   try {
-    const r = await fetch("predict", {method: "POST", headers: {"Content-Type": "application/json"},
-                                      body: JSON.stringify({text: document.getElementById("text").value})});
-    const body = await r.json();
+    const r = await fetch(base + "predict", {method: "POST", headers: {"Content-Type": "application/json"},
+                                             body: JSON.stringify({text: document.getElementById("text").value})});
+    const raw = await r.text();  // Ray Serve's own 503 is plain text, not JSON
+    let body;
+    try { body = JSON.parse(raw); } catch (e) { body = {detail: raw.trim() || r.statusText}; }
     if (!r.ok) { out.textContent = ""; err.textContent = r.status + ": " + (body.detail || JSON.stringify(body)); return; }
     out.textContent = body.label;
     out.dataset.label = body.label;

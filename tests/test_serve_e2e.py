@@ -459,6 +459,57 @@ def test_page_shows_the_error_of_a_blank_sentence(server, browser):
     assert browser.find_element(By.ID, "error").text.startswith("422: `text` is empty")
 
 
+@pytest.fixture
+def overloaded_page():
+    "The page under a route prefix without a trailing slash (`/app`), from a stand-in that answers Serve's 503."
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from sentiment_nb.serve import INDEX_HTML
+
+    class Handler(BaseHTTPRequestHandler):
+        posted = []
+
+        def reply(self, status, ctype, body: bytes):
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self.reply(200, "text/html; charset=utf-8", INDEX_HTML.encode())
+
+        def do_POST(self):
+            Handler.posted.append(self.path)
+            self.reply(503, "text/plain; charset=utf-8", b"Request dropped due to backpressure")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/app", Handler.posted
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_page_under_a_prefix_posts_next_to_itself_and_shows_a_plain_text_503(overloaded_page, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, posted = overloaded_page
+    browser.get(url)
+    assert browser.find_element(By.ID, "docs").get_attribute("href") == url + "/docs"
+    browser.find_element(By.ID, "text").send_keys(TEXTS[0])
+    browser.find_element(By.ID, "submit").click()
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text == "503: Request dropped due to backpressure"
+    assert posted == ["/app/predict"]
+
+
 # --- the console script -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("haproxy", [False, True], ids=["serve-proxy+dashboard", "haproxy"])
