@@ -380,7 +380,9 @@ def test_custom_metrics_reach_prometheus(server):
     assert post(server, {"texts": TEXTS}).status_code == 200
     assert post(server, {"text": " "}).status_code == 422
     want = ['ray_sentiment_predictions_total{', 'label="', 'ray_sentiment_errors_total{', 'error="empty_text"',
-            "ray_serve_num_http_requests"]  # Serve's own metrics, on the same endpoint
+            "ray_serve_num_http_requests",  # Serve's own metrics, on the same endpoint
+            'ray_serve_num_http_error_requests_total{', 'error_code="503"']  # the overload test's rejections:
+    # Serve's proxy answers and counts them before the app sees the request
     deadline, text = time.monotonic() + 90, ""  # Ray exports metrics every few seconds
     while time.monotonic() < deadline:
         try:
