@@ -5,16 +5,16 @@
 # %% auto #0
 __all__ = ['logger', 'HTTP_ERROR_KINDS', 'MAX_BUSY_WAIT_S', 'BATCH_FIELDS', 'INGRESS_CPUS', 'INDEX_HTML', 'app',
            'CPU_FORWARD_BATCH', 'PROBE_TEXT', 'HEALTH_TIMEOUT_S', 'APP_NAME', 'HAPROXY_DEFAULT_PORTS',
-           'HAPROXY_MAX_SOCKET_PATH', 'RAY_NODE_ID_CHARS', 'PredictRequest', 'Prediction', 'BatchPrediction',
-           'ErrorResponse', 'RequestError', 'request_texts', 'validation_error', 'http_error', 'merge_batch',
-           'split_batch', 'BatchPace', 'shape_response', 'request_log', 'deployment_options',
+           'HAPROXY_MAX_SOCKET_PATH', 'RAY_NODE_ID_CHARS', 'HAPROXY_FLAG', 'PredictRequest', 'Prediction',
+           'BatchPrediction', 'ErrorResponse', 'RequestError', 'request_texts', 'validation_error', 'http_error',
+           'merge_batch', 'split_batch', 'BatchPace', 'shape_response', 'request_log', 'deployment_options',
            'model_replicas_per_ingress', 'ingress_grouping', 'CapacityError', 'check_capacity', 'count',
            'max_body_bytes', 'body_too_large', 'BodySizeLimit', 'replica_threads', 'forward_batch_size',
            'resolve_backend', 'each_alone', 'raised', 'SentimentModel', 'SentimentAPI', 'resolve_settings', 'build_app',
            'serve_config', 'write_serve_config', 'is_loopback', 'haproxy_available', 'use_haproxy', 'bind_error',
            'port_in_use', 'free_port', 'PortInUseError', 'check_port_free', 'haproxy_run_dir', 'HAProxyStartError',
            'haproxy_start_error', 'haproxy_env', 'haproxy_pids', 'is_running', 'end_processes', 'wait_healthy',
-           'start_server', 'metrics_url', 'log_dir', 'request_records', 'stop_server']
+           'haproxy_flag_is_ours', 'start_server', 'metrics_url', 'log_dir', 'request_records', 'stop_server']
 
 # %% ../nbs/05_serve.ipynb #eb2154c8
 import asyncio
@@ -817,7 +817,7 @@ def end_processes(pids: list[int], timeout_s: float = 5.0) -> None:
         time.sleep(0.1)
     signal_all(signal.SIGKILL, pids)
 
-# %% ../nbs/05_serve.ipynb #53ea0298
+# %% ../nbs/05_serve.ipynb #dbcb74ff
 def wait_healthy(url: str, timeout_s: float = 180.0, interval_s: float = 0.5) -> dict:
     "Poll `url`/healthz until it answers 200 (its JSON) or `timeout_s` passes (`TimeoutError`)."
     deadline, last = time.monotonic() + timeout_s, "no answer"
@@ -836,6 +836,12 @@ def wait_healthy(url: str, timeout_s: float = 180.0, interval_s: float = 0.5) ->
 
 _haproxy_dir: str | None = None  # this process's server's HAProxy files, removed by `stop_server`
 _haproxy_env: dict[str, str] = {}  # the HAProxy variables this process set: a later server here replaces them
+HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"  # Ray reads it once per process: its controller's, started by ray.init
+
+
+def haproxy_flag_is_ours() -> bool:
+    "Whether `HAPROXY_FLAG` is unset, or was set by an earlier server in this process (not by the user)."
+    return os.environ.get(HAPROXY_FLAG) in (None, _haproxy_env.get(HAPROXY_FLAG))
 
 
 def start_server(settings: Settings, dashboard: bool = False, num_cpus: int | None = None,
@@ -855,8 +861,9 @@ def start_server(settings: Settings, dashboard: bool = False, num_cpus: int | No
     # this server stops as a whole, and `docker stop` kills after 10 s.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     check_port_free(settings.serve.host, settings.serve.port)
-    if use_haproxy(settings.serve):  # see "The HTTP front" above
-        os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    if haproxy_flag_is_ours():  # the setting decides, not a flag an earlier server here left behind
+        os.environ[HAPROXY_FLAG] = _haproxy_env[HAPROXY_FLAG] = "1" if use_haproxy(settings.serve) else "0"
+    if os.environ[HAPROXY_FLAG] == "1":  # see "The HTTP front" above: a flag set outside wins
         global _haproxy_dir
         _haproxy_dir = haproxy_run_dir()
         for name, value in haproxy_env(_haproxy_dir).items():
@@ -879,7 +886,7 @@ def start_server(settings: Settings, dashboard: bool = False, num_cpus: int | No
     try:
         serve.start(http_options={"host": sp.host, "port": sp.port})
     except Exception as e:
-        error = haproxy_start_error(e) if use_haproxy(sp) else None
+        error = haproxy_start_error(e) if os.environ.get(HAPROXY_FLAG) == "1" else None
         if error is None:
             raise
         stop_server()
@@ -925,13 +932,15 @@ def stop_server() -> None:
     "Shut Serve down, then Ray, then any HAProxy of this server's that outlived them: no process left behind."
     import ray
 
-    if ray.is_initialized():
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
     global _haproxy_dir
-    if _haproxy_dir:
-        end_processes(haproxy_pids(_haproxy_dir))
-        shutil.rmtree(_haproxy_dir, ignore_errors=True)
-        _haproxy_dir = None
+    try:
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+    finally:  # even when Serve or Ray fails to stop
+        if _haproxy_dir:
+            end_processes(haproxy_pids(_haproxy_dir))
+            shutil.rmtree(_haproxy_dir, ignore_errors=True)
+            _haproxy_dir = None

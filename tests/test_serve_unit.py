@@ -1,4 +1,5 @@
 """The serving logic that needs no Ray: request checks, batch bookkeeping, response shaping, options, config."""
+import os
 from pathlib import Path
 
 import pytest
@@ -386,4 +387,55 @@ def test_stop_server_removes_its_haproxy_folder(tmp_path, monkeypatch):
     (folder / "haproxy.cfg").write_text("global\n")
     monkeypatch.setattr(serve_mod, "_haproxy_dir", str(folder))
     serve_mod.stop_server()
+    assert not folder.exists() and serve_mod._haproxy_dir is None
+
+
+def started_env(serve_mod, monkeypatch, tmp_path, haproxy: bool) -> str:
+    "The HAProxy flag that `start_server` sets for `serve.haproxy: haproxy`, stopped just before Ray would start."
+    from sentiment_nb.config import Params, Settings
+
+    def before_ray(settings):
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(serve_mod, "build_app", before_ray)
+    settings = Settings(Params.model_validate({"serve": {"haproxy": haproxy, "port": serve_mod.free_port()}}),
+                        root=tmp_path)
+    with pytest.raises(RuntimeError, match="stop here"):
+        serve_mod.start_server(settings)
+    serve_mod.stop_server()  # removes the HAProxy folder, if any
+    return os.environ[serve_mod.HAPROXY_FLAG]
+
+
+def test_each_server_in_a_process_gets_the_front_its_settings_ask_for(tmp_path, monkeypatch):
+    import sentiment_nb.serve as serve_mod
+
+    monkeypatch.delenv(serve_mod.HAPROXY_FLAG, raising=False)
+    monkeypatch.setattr(serve_mod, "_haproxy_env", {})
+    for name in serve_mod.haproxy_env(tmp_path / "x"):
+        monkeypatch.delenv(name, raising=False)
+    assert started_env(serve_mod, monkeypatch, tmp_path, haproxy=True) == "1"
+    assert started_env(serve_mod, monkeypatch, tmp_path, haproxy=False) == "0"  # not the first server's "1"
+    assert started_env(serve_mod, monkeypatch, tmp_path, haproxy=True) == "1"
+    monkeypatch.setattr(serve_mod, "_haproxy_env", {})  # a new process, whose user set the flag: it wins, as documented
+    monkeypatch.setenv(serve_mod.HAPROXY_FLAG, "1")
+    assert started_env(serve_mod, monkeypatch, tmp_path, haproxy=False) == "1"
+
+
+def test_stop_server_removes_the_haproxy_folder_even_when_ray_fails_to_stop(tmp_path, monkeypatch):
+    import ray
+
+    import sentiment_nb.serve as serve_mod
+
+    folder = tmp_path / "haproxy-serve-y"
+    folder.mkdir()
+    monkeypatch.setattr(serve_mod, "_haproxy_dir", str(folder))
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+
+    def failing_shutdown():
+        raise RuntimeError("controller gone")
+
+    monkeypatch.setattr(serve_mod.serve, "shutdown", failing_shutdown)
+    with pytest.raises(RuntimeError, match="controller gone"):
+        serve_mod.stop_server()
     assert not folder.exists() and serve_mod._haproxy_dir is None
