@@ -145,7 +145,7 @@ def serve_settings(args):
             return Settings(load_params(Path(d) / "params.yaml", over).params, Path.cwd())  # relative to here
     return load_params(file, over)
 
-# %% ../nbs/06_cli.ipynb #e450a6b3
+# %% ../nbs/06_cli.ipynb #e0a82ba2
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -169,7 +169,7 @@ def cmd_serve(args) -> int:
         settings = serve_settings(args)
     except ParamsError as e:
         return _fail(e)
-    from sentiment_nb.serve import CapacityError, log_dir, metrics_url, start_server, stop_server
+    from sentiment_nb.serve import CapacityError, ServeStartError, log_dir, metrics_url, start_server, stop_server
 
     previous = _install_signal_handlers()
     try:
@@ -179,7 +179,7 @@ def cmd_serve(args) -> int:
         print(f"Serving {model} at {url}/ (POST {url}/predict, docs {url}/docs, metrics {metrics_url()}, "
               f"logs {log_dir()}). Ctrl-C to stop.", flush=True)
         signal.pause() if hasattr(signal, "pause") else _sleep_forever()
-    except (ModelDirError, ParamsError, CapacityError) as e:
+    except (ModelDirError, ParamsError, CapacityError, ServeStartError) as e:
         return _fail(e)
     except KeyboardInterrupt as e:
         print(f"Stopping ({e or 'SIGINT'})...", file=sys.stderr, flush=True)

@@ -13,8 +13,9 @@ __all__ = ['logger', 'HTTP_ERROR_KINDS', 'MAX_BUSY_WAIT_S', 'BATCH_FIELDS', 'ING
            'resolve_backend', 'each_alone', 'raised', 'SentimentModel', 'SentimentAPI', 'resolve_settings', 'build_app',
            'serve_config', 'write_serve_config', 'is_loopback', 'haproxy_available', 'use_haproxy', 'bind_error',
            'port_in_use', 'free_port', 'PortInUseError', 'check_port_free', 'haproxy_run_dir', 'HAProxyStartError',
-           'haproxy_start_error', 'haproxy_env', 'haproxy_pids', 'is_running', 'end_processes', 'wait_healthy',
-           'haproxy_flag_is_ours', 'start_server', 'metrics_url', 'log_dir', 'request_records', 'stop_server']
+           'haproxy_start_error', 'haproxy_env', 'haproxy_pids', 'is_running', 'end_processes', 'ServeStartError',
+           'deploy_failure', 'wait_healthy', 'haproxy_flag_is_ours', 'start_server', 'metrics_url', 'log_dir',
+           'request_records', 'stop_server']
 
 # %% ../nbs/05_serve.ipynb #eb2154c8
 import asyncio
@@ -817,7 +818,21 @@ def end_processes(pids: list[int], timeout_s: float = 5.0) -> None:
         time.sleep(0.1)
     signal_all(signal.SIGKILL, pids)
 
-# %% ../nbs/05_serve.ipynb #dbcb74ff
+# %% ../nbs/05_serve.ipynb #53cf7971
+class ServeStartError(RuntimeError):
+    "The app did not come up; the message says which deployment failed and why."
+
+
+def deploy_failure(app_status) -> str | None:
+    "'<deployment>: <its exception>' for each failed deployment of `app_status` (`serve.status().applications[name]`)."
+    failed = []
+    for name, d in (app_status.deployments or {}).items():
+        if str(getattr(d.status, "value", d.status)) == "DEPLOY_FAILED":
+            lines = [line.strip() for line in (d.message or "").splitlines() if line.strip()]
+            failed.append(f"{name}: {lines[-1] if lines else 'failed to deploy'}")
+    return "; ".join(failed) or None
+
+# %% ../nbs/05_serve.ipynb #7fed42b9
 def wait_healthy(url: str, timeout_s: float = 180.0, interval_s: float = 0.5) -> dict:
     "Poll `url`/healthz until it answers 200 (its JSON) or `timeout_s` passes (`TimeoutError`)."
     deadline, last = time.monotonic() + timeout_s, "no answer"
@@ -891,10 +906,20 @@ def start_server(settings: Settings, dashboard: bool = False, num_cpus: int | No
             raise
         stop_server()
         raise error from None
-    serve.run(app_, name=APP_NAME, route_prefix="/")
+    try:
+        serve.run(app_, name=APP_NAME, route_prefix="/")
+    except RuntimeError as e:
+        try:
+            why = deploy_failure(serve.status().applications[APP_NAME])
+        except Exception:  # no status to read: keep Ray's own message
+            why = None
+        raise ServeStartError(f"The server did not start: {why or e}") from None
     host = "127.0.0.1" if sp.host in ("0.0.0.0", "::", "") else sp.host
     url = f"http://{host}:{sp.port}"
-    wait_healthy(url, timeout_s)
+    try:
+        wait_healthy(url, timeout_s)
+    except TimeoutError as e:
+        raise ServeStartError(f"The server did not start: {e}") from None
     return url
 
 

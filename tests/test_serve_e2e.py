@@ -567,6 +567,40 @@ def test_the_serve_command_prints_its_url_and_stops_cleanly_on_sigterm(tiny_mode
         kill_leftovers(proc, started)
 
 
+def test_a_model_that_cannot_load_in_its_replica_ends_the_serve_command_with_one_line(tiny_model_dir, tmp_path):
+    "A weights file cut short passes the folder check and fails in the replica: exit 2 with the replica's reason."
+    import subprocess
+    import sys
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    params = write_params(tmp_path / "params.yaml", {"serve": {"num_cpus": 0.25}})
+    cli = Path(sys.executable).parent / "sentiment-nb"
+    with open(tmp_path / "out", "w") as out_file, open(tmp_path / "err", "w") as err_file:
+        proc = subprocess.Popen([str(cli), "serve", "--model", str(model), "--port", str(free_port()),
+                                 "--params", str(params)], stdout=out_file, stderr=err_file, text=True, cwd=tmp_path)
+    started = {}
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:  # every process Ray starts, to check after
+            try:
+                started.update({p.pid: p.name() for p in psutil.Process(proc.pid).children(recursive=True)})
+            except psutil.Error:
+                pass
+            time.sleep(0.5)
+        proc.wait(10)
+        out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+        assert proc.returncode == 2, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("sentiment-nb: error: The server did not start: SentimentModel: ") and \
+            "ModelDirError: Could not load the model in" in last and "Serving" not in out, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        assert_all_end(started)
+    finally:
+        kill_leftovers(proc, started)
+
+
 def test_serve_run_with_the_committed_config(tiny_model_dir, tmp_path):
     "Ray's own `serve run serve_config.yaml`, with the committed file (only the port changed), answers and stops."
     import subprocess
