@@ -5,17 +5,17 @@
 # %% auto #0
 __all__ = ['logger', 'HTTP_ERROR_KINDS', 'MAX_BUSY_WAIT_S', 'BATCH_FIELDS', 'INGRESS_CPUS', 'INDEX_HTML', 'app',
            'CPU_FORWARD_BATCH', 'PROBE_TEXT', 'HEALTH_TIMEOUT_S', 'APP_NAME', 'HAPROXY_DEFAULT_PORTS',
-           'HAPROXY_MAX_SOCKET_PATH', 'RAY_NODE_ID_CHARS', 'HAPROXY_FLAG', 'PredictRequest', 'Prediction',
-           'BatchPrediction', 'ErrorResponse', 'RequestError', 'request_texts', 'validation_error', 'http_error',
-           'merge_batch', 'split_batch', 'BatchPace', 'shape_response', 'request_log', 'deployment_options',
-           'model_replicas_per_ingress', 'ingress_grouping', 'CapacityError', 'check_capacity', 'count',
-           'max_body_bytes', 'body_too_large', 'BodySizeLimit', 'replica_threads', 'forward_batch_size',
+           'HAPROXY_MAX_SOCKET_PATH', 'RAY_NODE_ID_CHARS', 'HAPROXY_FLAG', 'RAY_CORE_PROCESSES', 'PredictRequest',
+           'Prediction', 'BatchPrediction', 'ErrorResponse', 'RequestError', 'request_texts', 'validation_error',
+           'http_error', 'merge_batch', 'split_batch', 'BatchPace', 'shape_response', 'request_log',
+           'deployment_options', 'model_replicas_per_ingress', 'ingress_grouping', 'CapacityError', 'check_capacity',
+           'count', 'max_body_bytes', 'body_too_large', 'BodySizeLimit', 'replica_threads', 'forward_batch_size',
            'resolve_backend', 'each_alone', 'raised', 'SentimentModel', 'SentimentAPI', 'resolve_settings', 'build_app',
            'serve_config', 'write_serve_config', 'is_loopback', 'haproxy_available', 'use_haproxy', 'bind_error',
            'port_in_use', 'free_port', 'PortInUseError', 'check_port_free', 'haproxy_run_dir', 'HAProxyStartError',
            'haproxy_start_error', 'haproxy_env', 'haproxy_pids', 'is_running', 'end_processes', 'ServeStartError',
            'deploy_failure', 'wait_healthy', 'haproxy_flag_is_ours', 'start_server', 'metrics_url', 'log_dir',
-           'request_records', 'stop_server']
+           'request_records', 'stop_server', 'dead_ray_processes']
 
 # %% ../nbs/05_serve.ipynb #eb2154c8
 import asyncio
@@ -832,7 +832,7 @@ def deploy_failure(app_status) -> str | None:
             failed.append(f"{name}: {lines[-1] if lines else 'failed to deploy'}")
     return "; ".join(failed) or None
 
-# %% ../nbs/05_serve.ipynb #7fed42b9
+# %% ../nbs/05_serve.ipynb #1e9c4de7
 def wait_healthy(url: str, timeout_s: float = 180.0, interval_s: float = 0.5) -> dict:
     "Poll `url`/healthz until it answers 200 (its JSON) or `timeout_s` passes (`TimeoutError`)."
     deadline, last = time.monotonic() + timeout_s, "no answer"
@@ -969,3 +969,16 @@ def stop_server() -> None:
             end_processes(haproxy_pids(_haproxy_dir))
             shutil.rmtree(_haproxy_dir, ignore_errors=True)
             _haproxy_dir = None
+
+
+RAY_CORE_PROCESSES = ("gcs_server", "raylet")
+
+
+def dead_ray_processes() -> list[str]:
+    "Which core processes (GCS, raylet) of the Ray node this process started have died; [] while all run."
+    import ray
+
+    node = ray._private.worker._global_node  # None unless this process started (or joined) a node
+    if node is None:
+        return []
+    return sorted({kind for kind, _ in node.dead_processes() if kind in RAY_CORE_PROCESSES})

@@ -601,6 +601,35 @@ def test_a_model_that_cannot_load_in_its_replica_ends_the_serve_command_with_one
         kill_leftovers(proc, started)
 
 
+def test_the_serve_command_exits_when_rays_node_dies_under_it(tiny_model_dir, tmp_path):
+    "The raylet killed (as by the OOM killer): the command exits 1 with a line that says so, and leaves nothing."
+    import subprocess
+    import sys
+
+    params = write_params(tmp_path / "params.yaml", {"serve": {"num_cpus": 0.25}})
+    cli = Path(sys.executable).parent / "sentiment-nb"
+    with open(tmp_path / "out", "w") as out_file, open(tmp_path / "err", "w") as err_file:
+        proc = subprocess.Popen([str(cli), "serve", "--model", str(tiny_model_dir), "--port", str(free_port()),
+                                 "--params", str(params)], stdout=out_file, stderr=err_file, text=True, cwd=tmp_path)
+    started = {}
+    try:
+        deadline = time.monotonic() + 180
+        while "Serving" not in (tmp_path / "out").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()[-3000:]
+            time.sleep(0.5)
+        started = {p.pid: p.name() for p in psutil.Process(proc.pid).children(recursive=True)}
+        raylet = [pid for pid, name in started.items() if name == "raylet"]
+        assert len(raylet) == 1, started
+        os.kill(raylet[0], signal.SIGKILL)
+        proc.wait(120)
+        err = (tmp_path / "err").read_text()
+        assert proc.returncode == 1, err[-3000:]
+        assert "sentiment-nb: error: Ray's raylet stopped, so the server is gone" in err, err[-3000:]
+        assert_all_end(started)
+    finally:
+        kill_leftovers(proc, started)
+
+
 def test_serve_run_with_the_committed_config(tiny_model_dir, tmp_path):
     "Ray's own `serve run serve_config.yaml`, with the committed file (only the port changed), answers and stops."
     import subprocess
