@@ -444,7 +444,7 @@ def resolve_backend(settings: Settings) -> tuple[str, str]:
     return select_backend(settings.resolve(sp.model), sp.backend, sp.max_accuracy_drop,
                           device="cuda" if sp.num_gpus > 0 else "cpu")
 
-# %% ../nbs/05_serve.ipynb #94c0f4d1
+# %% ../nbs/05_serve.ipynb #8606d2df
 PROBE_TEXT = "a probe sentence to check that the model answers."
 
 
@@ -523,9 +523,9 @@ class SentimentModel:
         return raised(await self.predict_batch(texts))
 
     async def health(self) -> dict:
-        out = await self.predict([PROBE_TEXT])
+        out = await self.forward([PROBE_TEXT])  # past the batch queue: see above
         return {"labels": list(self.predictor.labels), "device": str(self.predictor.device),
-                "backend": self.predictor.backend, "probe": out["results"][0]["label"]}
+                "backend": self.predictor.backend, "probe": out[0]["label"]}
 
 # %% ../nbs/05_serve.ipynb #5bd8d8a0
 HEALTH_TIMEOUT_S = 10.0

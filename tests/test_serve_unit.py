@@ -312,6 +312,34 @@ def test_a_request_the_model_fails_on_fails_alone(tiny_model_dir):
     assert got["calls"][:4] == [1, 3, 2, 1]  # the first alone; the group of two requests (3 texts); then each alone
 
 
+BUSY_HEALTH_SCRIPT = """
+import asyncio, json, sys
+from ray.serve import batching
+from sentiment_nb.serve import SentimentModel
+
+batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None
+replica = SentimentModel.func_or_class(sys.argv[1], max_batch_size=4, backend="torch")
+
+async def queue_never_drains(texts):  # a batch queue full of work that will not be done within the probe's time
+    await asyncio.sleep(3600)
+
+replica.predict_batch = queue_never_drains
+
+async def main():
+    stuck = asyncio.create_task(replica.predict(["a request in the queue"]))
+    health = await asyncio.wait_for(replica.health(), 10)
+    stuck.cancel()
+    return health
+
+print(json.dumps(asyncio.run(main())))
+"""
+
+
+def test_health_answers_past_a_full_batch_queue(tiny_model_dir):
+    got = run_script(BUSY_HEALTH_SCRIPT, str(tiny_model_dir))
+    assert got["probe"] in got["labels"] == ["negative", "positive"] and got["backend"] == "torch"
+
+
 UNAVAILABLE_SCRIPT = """
 import asyncio, json
 from ray.serve import batching
