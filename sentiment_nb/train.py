@@ -26,11 +26,11 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'FINGERPRINT_FILE', 'STAGE', 'OUTPUTS', 'WORKER_LAYOUT', 'resolve_precision', 'resolve_device',
            'training_arguments', 'compute_metrics', 'load_model', 'run_fingerprint', 'checkpoint_folders',
-           'is_complete', 'complete_checkpoints', 'resumable_checkpoint', 'mark_complete', 'DVCLiveStepCallback',
-           'trim_curves', 'open_live', 'checkpoint_step', 'by_length', 'load_prepared', 'build_trainer', 'fit', 'train',
-           'samples_per_step', 'steps_per_epoch', 'is_remote', 'storage_warning', 'run_storage', 'stage_inputs',
-           'fetch_inputs', 'worker_config', 'report_outputs', 'ray_worker', 'collect_outputs', 'restore_checkpoints',
-           'ray_address', 'train_on_ray']
+           'is_complete', 'complete_checkpoints', 'resumable_checkpoint', 'mark_complete', 'relocate_best_checkpoint',
+           'DVCLiveStepCallback', 'trim_curves', 'open_live', 'checkpoint_step', 'by_length', 'load_prepared',
+           'build_trainer', 'fit', 'train', 'samples_per_step', 'steps_per_epoch', 'is_remote', 'storage_warning',
+           'run_storage', 'stage_inputs', 'fetch_inputs', 'worker_config', 'report_outputs', 'ray_worker',
+           'collect_outputs', 'restore_checkpoints', 'ray_address', 'train_on_ray']
 
 # %% ../nbs/02_train.ipynb #5352db1c
 def resolve_precision(precision: str, device: str) -> str:
@@ -182,6 +182,22 @@ def mark_complete(folder: str | Path) -> None:
     stamp = folder / FINGERPRINT_FILE
     stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "complete": True}) + "\n")
 
+# %% ../nbs/02_train.ipynb #ffe6834f
+def relocate_best_checkpoint(resume_from: str | Path) -> str | None:
+    "Point `best_model_checkpoint` of `resume_from`'s trainer_state.json at its folder; the path now recorded."
+    state_file = Path(resume_from) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    best = state.get("best_model_checkpoint")
+    if best is None:
+        return None
+    here = Path(resume_from).parent / Path(best).name
+    if Path(best) != here and here.is_dir():
+        state["best_model_checkpoint"] = str(here)
+        tmp = state_file.with_name(f".{state_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, state_file)  # whole or not at all: another rank on this machine may be reading it
+    return state["best_model_checkpoint"]
+
 # %% ../nbs/02_train.ipynb #7fe6f01f
 class DVCLiveStepCallback(DVCLiveCallback):
     "`DVCLiveCallback` that logs the curves worth plotting at the training step, and leaves `Live` open at the end."
@@ -233,7 +249,7 @@ def checkpoint_step(checkpoint: str | Path) -> int:
     "The training step of a `checkpoint-<step>` folder."
     return int(Path(checkpoint).name.removeprefix("checkpoint-"))
 
-# %% ../nbs/02_train.ipynb #05ae5348
+# %% ../nbs/02_train.ipynb #e7a957b8
 def by_length(ds):
     "`ds` sorted by `n_tokens`, in memory: `Dataset.sort` would write a cache file into DVC's input folder."
     return ds.select(np.argsort(ds["n_tokens"], kind="stable"), keep_in_memory=True)
@@ -282,6 +298,8 @@ def fit(settings: Settings, device: str, resume_from: str | None = None, callbac
         trainer.add_callback(live_cb)
     if prepare is not None:
         trainer = prepare(trainer)
+    if resume_from:  # every rank: each machine of a Ray run has its own copy (the same text: rewrites agree)
+        relocate_best_checkpoint(resume_from)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - start

@@ -1,6 +1,7 @@
 """The `train` stage's library: precision, resuming an interrupted run, determinism on CPU."""
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,13 +14,18 @@ from sentiment_nb.data import load_splits, load_tokenizer, tokenize_splits
 from sentiment_nb.train import resolve_precision, train
 
 
-@pytest.fixture
-def settings(tmp_path, tiny_model_dir):
-    "Smoke settings in `tmp_path`, with the fixture data already prepared."
-    s = load_params(write_params(tmp_path / "params.yaml", smoke_params(FIXTURE_DATA, tiny_model_dir)))
+def prepared(folder, model_dir):
+    "Smoke settings in `folder`, with the fixture data already prepared."
+    s = load_params(write_params(folder / "params.yaml", smoke_params(FIXTURE_DATA, model_dir)))
     tok = load_tokenizer(s.model.checkpoint)
     tokenize_splits(load_splits(s), tok, s.data.max_length).save_to_disk(str(s.path("prepared")))
     return s
+
+
+@pytest.fixture
+def settings(tmp_path, tiny_model_dir):
+    "Smoke settings in `tmp_path`, with the fixture data already prepared."
+    return prepared(tmp_path, tiny_model_dir)
 
 
 class Interrupt(TrainerCallback):
@@ -79,6 +85,27 @@ def test_a_resumed_run_logs_each_step_once(settings):
     assert after == sorted(set(after)), after  # no step twice
     assert after[:len([s for s in before if s <= kill.saved])] == [s for s in before if s <= kill.saved]
     assert max(after) > max(before)
+
+
+class BestAtResume(TrainerCallback):
+    "What the resumed Trainer holds as its best checkpoint when training starts again."
+    best = "unset"
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.best = state.best_model_checkpoint
+
+
+def test_a_run_resumed_in_a_moved_project_finds_its_best_checkpoint(tmp_path, tiny_model_dir):
+    s = prepared(tmp_path / "project", tiny_model_dir)
+    with pytest.raises(KeyboardInterrupt):
+        train(s, callbacks=[Interrupt()])
+    shutil.move(tmp_path / "project", tmp_path / "moved")  # the project renamed between the kill and the resume
+    moved = load_params(tmp_path / "moved" / "params.yaml")
+    seen = BestAtResume()
+    summary = train(moved, callbacks=[seen])
+    assert summary["resumed_from"] is not None
+    assert seen.best is not None and Path(seen.best).parent == moved.path("checkpoints"), seen.best
+    assert Path(summary["best_checkpoint"]).parent == moved.path("checkpoints")
 
 
 def test_a_checkpoint_cut_off_while_saving_is_not_resumed(settings):
