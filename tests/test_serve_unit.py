@@ -250,6 +250,29 @@ def test_a_replica_loads_and_runs_every_forward_pass_on_one_thread_of_its_own(ti
     assert {n for k, _, n in got["seen"] if k == "predict"} == {2}
 
 
+FAKE_INGRESS = """
+class Handle:  # the model deployment as the ingress sees it: `predict.remote(texts)`, awaited
+    calls = []
+
+    def __init__(self, answer):
+        self.predict, self.answer = self, answer
+
+    async def _call(self, texts):
+        Handle.calls.append(len(texts))
+        await asyncio.sleep(0.05)
+        return await self.answer(texts)
+
+    def remote(self, texts):
+        return self._call(texts)
+
+def ingress_with(answer):
+    "The ingress class as written (under Serve's ASGI wrapper), its model calls answered by `answer`."
+    ingress_class = SentimentAPI.func_or_class.__mro__[1]
+    api = ingress_class.__new__(ingress_class)
+    ingress_class.__init__(api, Handle(answer), group_size=8, max_groups=1)
+    return api
+"""
+
 ISOLATION_SCRIPT = """
 import asyncio, json, sys
 from ray.serve import batching
@@ -266,23 +289,8 @@ async def forward(texts):
 
 replica.forward = forward
 
-class Handle:  # the model deployment as the ingress sees it: `predict.remote(texts)`, awaited
-    calls = []
-
-    def __init__(self):
-        self.predict = self
-
-    async def _call(self, texts):
-        Handle.calls.append(len(texts))
-        await asyncio.sleep(0.05)
-        return await replica.predict(texts)
-
-    def remote(self, texts):
-        return self._call(texts)
-
-ingress_class = SentimentAPI.func_or_class.__mro__[1]  # the class as written, under Serve's ASGI wrapper
-api = ingress_class.__new__(ingress_class)
-ingress_class.__init__(api, Handle(), group_size=8, max_groups=1)
+""" + FAKE_INGRESS + """
+api = ingress_with(replica.predict)
 
 def kind(x):
     return type(x).__name__ if isinstance(x, Exception) else x["results"][0]["label"]
@@ -301,13 +309,14 @@ print(json.dumps(asyncio.run(main())))
 
 
 def test_a_request_the_model_fails_on_fails_alone(tiny_model_dir):
-    # The model replica batches the three calls into one forward pass, which fails, and reruns each alone; the
+    # The model replica batches the two calls into one forward pass, which fails, and reruns each alone; the
     # ingress groups two requests into one model call, which fails, and resends each alone. Only the request at
     # fault gets the error, at both levels.
     got = run_script(ISOLATION_SCRIPT, str(tiny_model_dir))
     labels = {"negative", "positive"}
     assert got["model"][0] == "TypeError" and {got["model"][1], got["model"][2]} <= labels
-    assert got["forwards"][:4] == [3, 1, 1, 1]  # one merged pass of three texts failed; then each alone
+    # the probe's own pass (it skips the batch queue); one merged pass of two texts failed; then each alone
+    assert got["forwards"][:4] == [1, 2, 1, 1]
     assert got["ingress"][0] in labels and got["ingress"][1] == "TypeError" and got["ingress"][2] in labels
     assert got["calls"][:4] == [1, 3, 2, 1]  # the first alone; the group of two requests (3 texts); then each alone
 
@@ -349,23 +358,12 @@ from sentiment_nb.serve import PredictRequest, SentimentAPI
 
 batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None  # needs a replica
 
-class Handle:  # a model deployment that failed to deploy, as the ingress sees it
-    calls = []
+""" + FAKE_INGRESS + """
 
-    def __init__(self):
-        self.predict = self
+async def failed_to_deploy(texts):
+    raise DeploymentUnavailableError(DeploymentID(name="SentimentModel", app_name="sentiment"))
 
-    async def _call(self, texts):
-        Handle.calls.append(len(texts))
-        await asyncio.sleep(0.05)
-        raise DeploymentUnavailableError(DeploymentID(name="SentimentModel", app_name="sentiment"))
-
-    def remote(self, texts):
-        return self._call(texts)
-
-ingress_class = SentimentAPI.func_or_class.__mro__[1]
-api = ingress_class.__new__(ingress_class)
-ingress_class.__init__(api, Handle(), group_size=8, max_groups=1)
+api = ingress_with(failed_to_deploy)
 
 async def main():
     first = asyncio.create_task(api.predict(PredictRequest(text="the first request")))
