@@ -567,19 +567,24 @@ def test_the_serve_command_prints_its_url_and_stops_cleanly_on_sigterm(tiny_mode
         kill_leftovers(proc, started)
 
 
-def test_a_model_that_cannot_load_in_its_replica_ends_the_serve_command_with_one_line(tiny_model_dir, tmp_path):
-    "A weights file cut short passes the folder check and fails in the replica: exit 2 with the replica's reason."
+def serve_command_in_background(model: Path, folder: Path):
+    "`sentiment-nb serve` on `model` and a free port, its stdout and stderr in `folder`/out and `folder`/err."
     import subprocess
     import sys
 
+    params = write_params(folder / "params.yaml", {"serve": {"num_cpus": 0.25}})
+    cli = Path(sys.executable).parent / "sentiment-nb"
+    with open(folder / "out", "w") as out_file, open(folder / "err", "w") as err_file:
+        return subprocess.Popen([str(cli), "serve", "--model", str(model), "--port", str(free_port()),
+                                 "--params", str(params)], stdout=out_file, stderr=err_file, text=True, cwd=folder)
+
+
+def test_a_model_that_cannot_load_in_its_replica_ends_the_serve_command_with_one_line(tiny_model_dir, tmp_path):
+    "A weights file cut short passes the folder check and fails in the replica: exit 2 with the replica's reason."
     model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    params = write_params(tmp_path / "params.yaml", {"serve": {"num_cpus": 0.25}})
-    cli = Path(sys.executable).parent / "sentiment-nb"
-    with open(tmp_path / "out", "w") as out_file, open(tmp_path / "err", "w") as err_file:
-        proc = subprocess.Popen([str(cli), "serve", "--model", str(model), "--port", str(free_port()),
-                                 "--params", str(params)], stdout=out_file, stderr=err_file, text=True, cwd=tmp_path)
+    proc = serve_command_in_background(model, tmp_path)
     started = {}
     try:
         deadline = time.monotonic() + 300
@@ -603,14 +608,7 @@ def test_a_model_that_cannot_load_in_its_replica_ends_the_serve_command_with_one
 
 def test_the_serve_command_exits_when_rays_node_dies_under_it(tiny_model_dir, tmp_path):
     "The raylet killed (as by the OOM killer): the command exits 1 with a line that says so, and leaves nothing."
-    import subprocess
-    import sys
-
-    params = write_params(tmp_path / "params.yaml", {"serve": {"num_cpus": 0.25}})
-    cli = Path(sys.executable).parent / "sentiment-nb"
-    with open(tmp_path / "out", "w") as out_file, open(tmp_path / "err", "w") as err_file:
-        proc = subprocess.Popen([str(cli), "serve", "--model", str(tiny_model_dir), "--port", str(free_port()),
-                                 "--params", str(params)], stdout=out_file, stderr=err_file, text=True, cwd=tmp_path)
+    proc = serve_command_in_background(tiny_model_dir, tmp_path)
     started = {}
     try:
         deadline = time.monotonic() + 180

@@ -1,6 +1,7 @@
 """Ray Train: `train.num_workers: 2` runs real DDP (gloo, on CPUs) on a local Ray or on an existing cluster,
 and leaves the same files as a single-process run. The workers get no path of the project: their inputs and
 outputs travel through the run's storage (`train.storage_path`), as on a cluster of several machines."""
+import contextlib
 import json
 import logging
 import os
@@ -206,11 +207,42 @@ def descendants_named(prefix: str) -> list[int]:
     return sorted(pid for pid in mine if cmd.get(pid, "").startswith(prefix))
 
 
+@contextlib.contextmanager
+def after_the_first_checkpoint(storage: Path, action):
+    "Run `action()` in a thread once Ray has recorded the run's first checkpoint in `storage`; yield what it returned."
+    import threading
+
+    got, done = [], threading.Event()
+
+    def watch():
+        deadline = time.time() + 240
+        # Ray's record of the run's checkpoints: what an ended run's checkpoints are restored from
+        while not list(storage.glob("sentiment-nb-train-*/checkpoint_manager_snapshot.json")):
+            if time.time() > deadline or done.is_set():
+                return
+            time.sleep(0.2)
+        got.append(action())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield got
+    finally:
+        done.set()
+        watcher.join()
+
+
+def kill_a_worker() -> list[int]:
+    "SIGKILL one Ray Train worker under this process; its pid, if there was one."
+    pids = descendants_named("ray::RayTrainWorker")[:1]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return pids
+
+
 @pytest.mark.slow
 def test_a_failed_two_worker_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     "A Ray Train worker dies mid-run: the run fails, its checkpoints come home, and the next run resumes from them."
-    import threading
-
     from ray.train import TrainingFailedError
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -218,28 +250,9 @@ def test_a_failed_two_worker_run_resumes_from_its_last_checkpoint(tmp_path, tiny
     s = prepared_settings(tmp_path / "project", tiny_model_dir, batch_size=4, num_workers=2, epochs=24,
                           storage_path=str(storage))
     total_steps = steps_per_epoch(N_TRAIN, s.train) * 24  # a checkpoint every quarter, and time to kill a worker
-    killed, done = [], threading.Event()
-
-    def kill_a_worker_after_the_first_checkpoint():
-        deadline = time.time() + 240
-        # Ray's record of the run's checkpoints: what a failed run's checkpoints are restored from
-        while not list(storage.glob("sentiment-nb-train-*/checkpoint_manager_snapshot.json")):
-            if time.time() > deadline or done.is_set():
-                return
-            time.sleep(0.2)
-        for pid in descendants_named("ray::RayTrainWorker")[:1]:
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
-    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
-    killer.start()
-    try:
-        with pytest.raises(TrainingFailedError):
-            train(s)
-    finally:
-        done.set()
-        killer.join()
-    assert killed, "no Ray Train worker was found to kill"
+    with after_the_first_checkpoint(storage, kill_a_worker) as killed, pytest.raises(TrainingFailedError):
+        train(s)
+    assert killed and killed[0], "no Ray Train worker was found to kill"
     restored = sorted(int(p.name.split("-")[1]) for p in s.path("checkpoints").glob("checkpoint-*"))
     assert restored and restored[-1] < total_steps, restored  # it failed midway, with a checkpoint kept
     assert not s.path("best_model").exists()
@@ -256,31 +269,15 @@ def test_a_failed_two_worker_run_resumes_from_its_last_checkpoint(tmp_path, tiny
 def test_an_interrupted_two_worker_run_brings_its_checkpoints_home(tmp_path, tiny_model_dir, monkeypatch):
     "Ctrl-C in the driver during a Ray run: the checkpoints made so far come back before the run folder goes."
     import _thread
-    import threading
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     storage = tmp_path / "storage"
     s = prepared_settings(tmp_path / "project", tiny_model_dir, batch_size=4, num_workers=2, epochs=24,
                           storage_path=str(storage))
-    interrupted, done = [], threading.Event()
-
-    def interrupt_after_the_first_checkpoint():
-        deadline = time.time() + 240
-        while not list(storage.glob("sentiment-nb-train-*/checkpoint_manager_snapshot.json")):
-            if time.time() > deadline or done.is_set():
-                return
-            time.sleep(0.2)
-        interrupted.append(time.time())
-        _thread.interrupt_main()  # what Ctrl-C does: KeyboardInterrupt in the main thread
-
-    interrupter = threading.Thread(target=interrupt_after_the_first_checkpoint, daemon=True)
-    interrupter.start()
-    try:
-        with pytest.raises((KeyboardInterrupt, SystemExit)):  # Ray Train aborts the run on SIGINT, then exits 1
-            train(s)
-    finally:
-        done.set()
-        interrupter.join()
+    # What Ctrl-C does: KeyboardInterrupt in the main thread. Ray Train aborts the run on it, then exits 1.
+    with after_the_first_checkpoint(storage, _thread.interrupt_main) as interrupted, \
+            pytest.raises((KeyboardInterrupt, SystemExit)):
+        train(s)
     assert interrupted, "the run ended before its first checkpoint"
     assert list(s.path("checkpoints").glob("checkpoint-*")), "the interrupted run's checkpoints were lost"
     assert not list(storage.glob("sentiment-nb-train-*"))  # its run folder was still cleaned up
