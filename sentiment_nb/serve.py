@@ -832,7 +832,7 @@ def deploy_failure(app_status) -> str | None:
             failed.append(f"{name}: {lines[-1] if lines else 'failed to deploy'}")
     return "; ".join(failed) or None
 
-# %% ../nbs/05_serve.ipynb #1e9c4de7
+# %% ../nbs/05_serve.ipynb #5b680c45
 def wait_healthy(url: str, timeout_s: float = 180.0, interval_s: float = 0.5) -> dict:
     "Poll `url`/healthz until it answers 200 (its JSON) or `timeout_s` passes (`TimeoutError`)."
     deadline, last = time.monotonic() + timeout_s, "no answer"
@@ -876,9 +876,13 @@ def start_server(settings: Settings, dashboard: bool = False, num_cpus: int | No
     # this server stops as a whole, and `docker stop` kills after 10 s.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     check_port_free(settings.serve.host, settings.serve.port)
-    if haproxy_flag_is_ours():  # the setting decides, not a flag an earlier server here left behind
-        os.environ[HAPROXY_FLAG] = _haproxy_env[HAPROXY_FLAG] = "1" if use_haproxy(settings.serve) else "0"
-    if os.environ[HAPROXY_FLAG] == "1":  # see "The HTTP front" above: a flag set outside wins
+    if haproxy_flag_is_ours():  # the setting decides, unless a user set the flag
+        if use_haproxy(settings.serve):
+            os.environ[HAPROXY_FLAG] = _haproxy_env[HAPROXY_FLAG] = "1"
+        else:  # off is Ray's default: unset, so that no child process takes a "0" for a user's choice
+            os.environ.pop(HAPROXY_FLAG, None)
+            _haproxy_env.pop(HAPROXY_FLAG, None)
+    if os.environ.get(HAPROXY_FLAG) == "1":  # see "The HTTP front" above: a flag set outside wins
         global _haproxy_dir
         _haproxy_dir = haproxy_run_dir()
         for name, value in haproxy_env(_haproxy_dir).items():
@@ -969,6 +973,10 @@ def stop_server() -> None:
             end_processes(haproxy_pids(_haproxy_dir))
             shutil.rmtree(_haproxy_dir, ignore_errors=True)
             _haproxy_dir = None
+        for name, value in _haproxy_env.items():  # the next server here, and child processes, start from a clean slate
+            if os.environ.get(name) == value:
+                del os.environ[name]
+        _haproxy_env.clear()
 
 
 RAY_CORE_PROCESSES = ("gcs_server", "raylet")

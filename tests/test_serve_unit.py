@@ -416,11 +416,14 @@ def test_stop_server_removes_its_haproxy_folder(tmp_path, monkeypatch):
     assert not folder.exists() and serve_mod._haproxy_dir is None
 
 
-def started_env(serve_mod, monkeypatch, tmp_path, haproxy: bool) -> str:
-    "The HAProxy flag that `start_server` sets for `serve.haproxy: haproxy`, stopped just before Ray would start."
+def started_env(serve_mod, monkeypatch, tmp_path, haproxy: bool) -> str | None:
+    "The HAProxy flag that `start_server` sets for `serve.haproxy: haproxy`, as Ray would start; `stop_server` after."
     from sentiment_nb.config import Params, Settings
 
+    seen = []
+
     def before_ray(settings):
+        seen.append(os.environ.get(serve_mod.HAPROXY_FLAG))
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(serve_mod, "build_app", before_ray)
@@ -428,8 +431,8 @@ def started_env(serve_mod, monkeypatch, tmp_path, haproxy: bool) -> str:
                         root=tmp_path)
     with pytest.raises(RuntimeError, match="stop here"):
         serve_mod.start_server(settings)
-    serve_mod.stop_server()  # removes the HAProxy folder, if any
-    return os.environ[serve_mod.HAPROXY_FLAG]
+    serve_mod.stop_server()  # removes the HAProxy folder, if any, and the variables it set
+    return seen[0]
 
 
 def test_each_server_in_a_process_gets_the_front_its_settings_ask_for(tmp_path, monkeypatch):
@@ -440,11 +443,12 @@ def test_each_server_in_a_process_gets_the_front_its_settings_ask_for(tmp_path, 
     for name in serve_mod.haproxy_env(tmp_path / "x"):
         monkeypatch.delenv(name, raising=False)
     assert started_env(serve_mod, monkeypatch, tmp_path, haproxy=True) == "1"
-    assert started_env(serve_mod, monkeypatch, tmp_path, haproxy=False) == "0"  # not the first server's "1"
+    assert serve_mod.HAPROXY_FLAG not in os.environ  # stopped: not passed on to the next server, nor to children
+    assert started_env(serve_mod, monkeypatch, tmp_path, haproxy=False) is None  # Ray's default: off
     assert started_env(serve_mod, monkeypatch, tmp_path, haproxy=True) == "1"
-    monkeypatch.setattr(serve_mod, "_haproxy_env", {})  # a new process, whose user set the flag: it wins, as documented
-    monkeypatch.setenv(serve_mod.HAPROXY_FLAG, "1")
+    monkeypatch.setenv(serve_mod.HAPROXY_FLAG, "1")  # set by the user: it wins, as documented, and stays
     assert started_env(serve_mod, monkeypatch, tmp_path, haproxy=False) == "1"
+    assert os.environ[serve_mod.HAPROXY_FLAG] == "1"
 
 
 def test_stop_server_removes_the_haproxy_folder_even_when_ray_fails_to_stop(tmp_path, monkeypatch):
