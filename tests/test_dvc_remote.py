@@ -53,7 +53,7 @@ def test_push_clone_pull_then_serve_and_reproduce(tmp_path, tiny_model_dir):
     assert (clone / "artifacts" / "train" / "checkpoints" / "fingerprint.json").is_file()
     assert (clone / "data" / "prepared").is_dir()
     assert predict(clone) == predict(first)
-    for stage in ("01_data", "02_train", "02a_onnx", "03_evaluate", "04_export"):  # each report carries its reproducibility record
+    for stage in ("02_data", "03_train", "05_onnx", "06_evaluate", "07_export"):  # each report carries its reproducibility record
         report = clone / "reports" / f"{stage}.ipynb"
         text = json.dumps([c.get("outputs", []) for c in nbformat.read(report, as_version=4).cells])
         assert "'packages'" in text and "'git'" in text and "'seeds'" in text, report.name

@@ -63,7 +63,7 @@ def test_prepare_outputs(project):
     assert summary["tokens"]["max"] >= summary["tokens"]["p50"] > 0
     hist = (root / "reports" / "data" / "token_lengths.csv").read_text().splitlines()
     assert hist[0] == "tokens,train,validation,test" and len(hist) > 1
-    executed_report(root / "reports" / "01_data.ipynb")
+    executed_report(root / "reports" / "02_data.ipynb")
 
 
 def test_train_outputs(project):
@@ -72,7 +72,7 @@ def test_train_outputs(project):
     live = json.loads((root / "dvclive" / "train" / "metrics.json").read_text())
     assert 0 <= live["best_validation"]["accuracy"] <= 1
     assert (root / "dvclive" / "train" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
-    executed_report(root / "reports" / "02_train.ipynb")
+    executed_report(root / "reports" / "03_train.ipynb")
 
 
 def test_evaluate_outputs(project):
@@ -92,7 +92,7 @@ def test_evaluate_outputs(project):
     for scores in m["backends"].values():
         assert {"accuracy", "f1", "agreement"} <= set(scores) and 0 <= scores["agreement"] <= 1
     assert m["backends"]["torch"]["accuracy"] == m["accuracy"] and m["backends"]["onnx"]["agreement"] == 1.0
-    executed_report(root / "reports" / "03_evaluate.ipynb")
+    executed_report(root / "reports" / "06_evaluate.ipynb")
 
 
 def test_onnx_outputs(project):
@@ -100,7 +100,7 @@ def test_onnx_outputs(project):
     assert (root / "artifacts" / "onnx" / "model.onnx").is_file() and (root / "artifacts" / "onnx" / "model.int8.onnx").is_file()
     check = json.loads((root / "artifacts" / "onnx" / "check.json").read_text())
     assert check["fp32"]["max_abs_diff"] <= check["fp32"]["atol"] and check["texts"] == 12
-    executed_report(root / "reports" / "02a_onnx.ipynb")
+    executed_report(root / "reports" / "05_onnx.ipynb")
 
 
 def test_exported_model_loads_without_this_project(project):
@@ -127,7 +127,7 @@ def test_exported_model_loads_without_this_project(project):
     onnx_out = predict(["a witty and moving film", "dull"], model_dir=model, backend="onnx")
     assert [o["label"] for o in onnx_out] == [o["label"] for o in predict(["a witty and moving film", "dull"],
                                                                            model_dir=model, backend="torch")]
-    executed_report(root / "reports" / "04_export.ipynb")
+    executed_report(root / "reports" / "07_export.ipynb")
 
 
 def test_second_repro_is_a_noop(project):

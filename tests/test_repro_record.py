@@ -134,6 +134,6 @@ def test_everything_needed_to_serve_or_resume_is_a_dvc_out():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     outs = {next(iter(o)) if isinstance(o, dict) else o for st in stages.values() for o in st.get("outs", [])}
     for needed in ("${paths.prepared}", "${paths.best_model}", "${paths.checkpoints}", "${paths.model}",
-                   "${paths.reports}/01_data.ipynb", "${paths.reports}/02_train.ipynb",
-                   "${paths.reports}/03_evaluate.ipynb", "${paths.reports}/04_export.ipynb"):
+                   "${paths.reports}/02_data.ipynb", "${paths.reports}/03_train.ipynb",
+                   "${paths.reports}/06_evaluate.ipynb", "${paths.reports}/07_export.ipynb"):
         assert needed in outs, needed
