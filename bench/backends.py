@@ -9,7 +9,9 @@ All with --threads intra-op threads (default 1: one per CPU a Serve replica rese
 
 Part 2 (unless --no-serve): bench/serve_load.py against the Ray Serve app with each backend, at concurrency 1, 8, 32.
 
-    python bench/backends.py --model model --json bench/backends.json
+    python bench/backends.py --model model --data ../shared/data/rotten_tomatoes --json bench/backends.json
+
+The sentences come from --data, else $SENTIMENT_NB_DATA (bench/common.py).
 
 It needs an exported model with its ONNX graphs (`dvc repro`); the numbers mean something only for the fine-tuned
 model, and only on an otherwise idle machine. This is a benchmark, not a test: nothing here is asserted.
@@ -24,15 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "rotten_tomatoes" / "test.jsonl"
+from common import REPO, DataError, add_data_arg, data_path, read_sentences
+
 BACKENDS = ["torch", "onnx", "onnx-int8"]
-
-
-def read_sentences(path: Path, limit: int) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f if line.strip()]
-    return texts[:limit]
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -58,7 +54,7 @@ def measure(args) -> dict:
     t1 = time.perf_counter()
     predictor = load_predictor(args.model, args.backend, device="cpu", batch_size=32, threads=args.threads)
     t2 = time.perf_counter()
-    sentences = read_sentences(Path(args.data), args.limit)
+    sentences = read_sentences(args.data, args.limit)
     predictor.predict_proba(sentences[:64], batch_size=8)  # warm-up: first-call allocations, caches
     out = {"backend": args.backend, "threads": args.threads, "sentences": len(sentences),
            "import_s": round(t1 - t0, 2), "load_s": round(t2 - t1, 2)}
@@ -103,7 +99,7 @@ def table(rows: list[dict], cols: list[str]) -> str:
 def serve_load_command(args, backend: str, out: Path) -> list[str]:
     "The `serve_load.py` command line that loads the Serve app with `backend` and writes its results to `out`."
     cmd = [sys.executable, str(REPO / "bench" / "serve_load.py"), "--only", "serve", "--backend", backend,
-           "--model", args.model, "--data", args.data, "--requests", str(args.requests),
+           "--model", args.model, *(["--data", args.data] if args.data else []), "--requests", str(args.requests),
            "--duration", str(args.duration), "--cpus", str(args.cpus or args.threads), "--threads", str(args.threads),
            "--replicas", str(args.replicas), "--ingress-replicas", str(args.ingress_replicas), "--json", str(out),
            "--concurrency", *map(str, args.concurrency)]
@@ -124,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("_measure", nargs="?", help=argparse.SUPPRESS)
     p.add_argument("--backend", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model", default=str(REPO / "model"), help="exported model folder (default: %(default)s)")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="JSONL with a `text` field (default: %(default)s)")
+    add_data_arg(p)
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=BACKENDS)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--limit", type=int, default=1066, help="sentences for batches of 8 and 32 (default: the test split)")
@@ -157,7 +153,9 @@ def main(argv=None) -> int:
         for b in args.backends:
             if b != "torch":
                 onnx_file(args.model, b)
-    except ModelDirError as e:
+        args.data = str(data_path(args.data))
+        read_sentences(args.data, 1)  # a file without sentences fails here, not in each backend's process
+    except (DataError, ModelDirError) as e:
         print(f"backends: {e}", file=sys.stderr)
         return 2
     print(f"model {args.model}; data {args.data}; {args.threads} thread(s); {os.cpu_count()} CPUs", flush=True)

@@ -6,7 +6,9 @@ One predictor takes every variant in turn, on the same groups, in blocks whose o
 machine whose speed drifts, as a small cloud VM's does, slows all alike. For each group size it prints the median
 milliseconds per text of each variant, its ratio to `fixed`, and the padded tokens per real token of its cuts.
 
-    python bench/length_chunks.py --model model --backend torch --threads 1
+    python bench/length_chunks.py --model model --backend torch --threads 1 --data ../shared/data/rotten_tomatoes
+
+The sentences come from --data, else $SENTIMENT_NB_DATA (bench/common.py).
 
 This is a benchmark, not a test: nothing here is asserted; the numbers mean something only for the fine-tuned model,
 on an otherwise idle machine.
@@ -20,13 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "rotten_tomatoes" / "test.jsonl"
-
-
-def read_sentences(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f if line.strip()]
+from common import REPO, DataError, add_data_arg, data_path, read_sentences
 
 
 def padding_ratio(predictor, groups: list[list[str]], batch_size: int, pass_cost: float | None) -> float:
@@ -76,7 +72,7 @@ def compare(predictor, sentences: list[str], group_sizes: list[int], costs: list
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(REPO / "model"), help="exported model folder (default: %(default)s)")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="JSONL with a `text` field (default: %(default)s)")
+    add_data_arg(p)
     p.add_argument("--backend", default="torch", choices=["torch", "onnx", "onnx-int8"])
     p.add_argument("--groups", type=int, nargs="+", default=[8, 16, 32], help="texts per group (per call)")
     p.add_argument("--costs", type=float, nargs="+", default=[15, 35, 60], help="pass costs to try, in tokens")
@@ -90,11 +86,12 @@ def main(argv=None) -> int:
 
     try:
         model = check_model_dir(args.model)
+        sentences = read_sentences(data_path(args.data))
         predictor = load_predictor(model, args.backend, device="cpu", batch_size=args.batch_size, threads=args.threads)
-    except ModelDirError as e:
+    except (DataError, ModelDirError) as e:
         print(f"length_chunks: {e}", file=sys.stderr)
         return 2
-    rows = compare(predictor, read_sentences(Path(args.data)), args.groups, args.costs, args.groups_per_block,
+    rows = compare(predictor, sentences, args.groups, args.costs, args.groups_per_block,
                    args.blocks, args.batch_size)
     if args.json:
         meta = {"model": str(model), "backend": args.backend, "threads": args.threads, "batch_size": args.batch_size}

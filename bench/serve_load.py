@@ -10,7 +10,9 @@ requests per second), the p50/p95/p99 latency of the answered requests, and the 
   request, no batching, a sync route run in FastAPI's thread pool, and torch's default thread count, as most projects
   ship it. `--baseline-threads N` limits torch to N threads per pass, a tuned variant to compare with too.
 
-    python bench/serve_load.py --model model --requests 400 --duration 30 --json bench/results.json
+    python bench/serve_load.py --model model --data ../shared/data/rotten_tomatoes --json bench/results.json
+
+The sentences come from --data, else $SENTIMENT_NB_DATA (bench/common.py).
 
 `--rounds N` (default 3) starts each server N times, alternating which goes first, and adds the medians over the
 rounds, Serve's ratios to the baseline round by round, and whether the speed targets are met: at concurrency 1 a
@@ -34,9 +36,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "rotten_tomatoes" / "test.jsonl"
-
+from common import REPO, DataError, add_data_arg, data_path, read_sentences
 
 # --- the baseline server ----------------------------------------------------------------------------------------------
 
@@ -87,19 +87,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def read_sentences(path: Path, limit: int = 100_000) -> list[str]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                out.append(json.loads(line)["text"])
-            if len(out) >= limit:
-                break
-    if not out:
-        raise SystemExit(f"No sentences in {path}.")
-    return out
 
 
 def percentile(xs: list[float], q: float) -> float | None:
@@ -306,7 +293,7 @@ def target_checks(summary: list[dict]) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(REPO / "model"), help="exported model folder (default: %(default)s)")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="JSONL with a `text` field (default: %(default)s)")
+    add_data_arg(p)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=400, help="at most this many requests per level")
     p.add_argument("--duration", type=float, default=30.0, help="at most this many seconds per level")
@@ -345,10 +332,11 @@ def main(argv=None) -> int:
 
     try:
         model = check_model_dir(args.model)
-    except ModelDirError as e:
+        args.data = str(data_path(args.data))
+        sentences = read_sentences(args.data, 100_000)
+    except (DataError, ModelDirError) as e:
         print(f"serve_load: {e}", file=sys.stderr)
         return 2
-    sentences = read_sentences(Path(args.data))
     print(f"{len(sentences)} sentences from {args.data}; model {model}; levels {args.concurrency}; "
           f"at most {args.requests} requests or {args.duration:.0f} s per level; {os.cpu_count()} CPUs on this machine",
           flush=True)

@@ -5,7 +5,9 @@ Both copies live in one process and take turns on the same batches (A then B, th
 speed drifts, as a small cloud VM's does, slows both alike. For each batch size it prints the median time of a forward
 pass in each layout and the speed-up, and first the largest difference between the two copies' logits.
 
-    python bench/weight_layout.py --model model --threads 1
+    python bench/weight_layout.py --model model --threads 1 --data ../shared/data/rotten_tomatoes
+
+The sentences come from --data, else $SENTIMENT_NB_DATA (bench/common.py).
 
 This is a benchmark, not a test: nothing here is asserted; the numbers mean something only for the fine-tuned model,
 on an otherwise idle machine.
@@ -18,13 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "rotten_tomatoes" / "test.jsonl"
-
-
-def read_sentences(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f if line.strip()]
+from common import REPO, DataError, add_data_arg, data_path, read_sentences
 
 
 def compare(model_dir: str, sentences: list[str], batch_sizes: list[int], passes: int, threads: int) -> list[dict]:
@@ -67,7 +63,7 @@ def compare(model_dir: str, sentences: list[str], batch_sizes: list[int], passes
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(REPO / "model"), help="exported model folder (default: %(default)s)")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="JSONL with a `text` field (default: %(default)s)")
+    add_data_arg(p)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--passes", type=int, default=200, help="forward passes per layout and batch size")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: %(default)s)")
@@ -77,10 +73,11 @@ def main(argv=None) -> int:
 
     try:
         model = check_model_dir(args.model)
-    except ModelDirError as e:
+        sentences = read_sentences(data_path(args.data))
+    except (DataError, ModelDirError) as e:
         print(f"weight_layout: {e}", file=sys.stderr)
         return 2
-    rows = compare(str(model), read_sentences(Path(args.data)), args.batch_sizes, args.passes, args.threads)
+    rows = compare(str(model), sentences, args.batch_sizes, args.passes, args.threads)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": str(model), "results": rows}, indent=2) + "\n")
     return 0

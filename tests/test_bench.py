@@ -1,7 +1,9 @@
-"""The load benchmark still runs: its baseline server and its load generator, on the tiny model, a few requests.
+"""The benchmarks still run: the load test's baseline server and load generator, the backend, weight-layout and
+length-cut benchmarks, on the tiny model, a few requests; and they all find their sentences the same way.
 
-The figures mean nothing here; the test only keeps `bench/serve_load.py` from rotting between real runs."""
+The figures mean nothing here; the tests only keep `bench/` from rotting between real runs."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +11,16 @@ from pathlib import Path
 import pytest
 from helpers import FIXTURE_DATA
 
-pytestmark = pytest.mark.slow
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "serve_load.py"
+SCRIPTS = ["backends", "length_chunks", "serve_load", "weight_layout"]
 
 
+def env_without_data(**extra) -> dict:
+    "This process's environment without $SENTIMENT_NB_DATA, plus `extra`."
+    return {**{k: v for k, v in os.environ.items() if k != "SENTIMENT_NB_DATA"}, **extra}
+
+
+@pytest.mark.slow
 def test_serve_load_drives_the_baseline(tiny_model_dir, tmp_path):
     out = tmp_path / "results.json"
     p = subprocess.run([sys.executable, str(BENCH), "--only", "baseline", "--model", str(tiny_model_dir),
@@ -29,12 +37,15 @@ def test_serve_load_drives_the_baseline(tiny_model_dir, tmp_path):
 def load_bench(name: str):
     import importlib.util
 
+    if str(BENCH.parent) not in sys.path:  # the scripts import bench/common.py, as they do when run from bench/
+        sys.path.insert(0, str(BENCH.parent))
     spec = importlib.util.spec_from_file_location(name, BENCH.parent / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
+@pytest.mark.slow
 def test_serve_load_runs_rounds_and_reports_their_medians(tiny_model_dir, tmp_path):
     out = tmp_path / "results.json"
     p = subprocess.run([sys.executable, str(BENCH), "--only", "baseline", "--model", str(tiny_model_dir),
@@ -119,6 +130,7 @@ def test_backends_bench_passes_the_serving_layout_on_to_the_load_test(tmp_path):
     assert "--haproxy" in cmd and cmd[cmd.index("--concurrency") + 1:cmd.index("--concurrency") + 3] == ["1", "32"]
 
 
+@pytest.mark.slow
 def test_weight_layout_bench_times_both_layouts(tiny_model_dir, tmp_path):
     out = tmp_path / "layout.json"
     p = subprocess.run([sys.executable, str(BENCH.parent / "weight_layout.py"), "--model", str(tiny_model_dir),
@@ -133,6 +145,7 @@ def test_weight_layout_bench_times_both_layouts(tiny_model_dir, tmp_path):
         assert r["speedup"] == pytest.approx(r["row_major_ms"] / r["column_major_ms"], rel=1e-2)
 
 
+@pytest.mark.slow
 def test_backends_bench_measures_a_backend_in_its_own_process(tiny_model_dir, tmp_path):
     out = tmp_path / "backends.json"
     p = subprocess.run([sys.executable, str(BENCH.parent / "backends.py"), "--model", str(tiny_model_dir),
@@ -149,12 +162,14 @@ def test_backends_bench_measures_a_backend_in_its_own_process(tiny_model_dir, tm
     assert p.returncode == 2 and "has no ONNX export" in p.stderr, p.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_length_chunks_bench_compares_the_cuts(tiny_model_dir, tmp_path):
     out = tmp_path / "chunks.json"
+    # no --data: the sentences come from $SENTIMENT_NB_DATA, which names a folder holding test.jsonl
     p = subprocess.run([sys.executable, str(BENCH.parent / "length_chunks.py"), "--model", str(tiny_model_dir),
-                        "--data", str(FIXTURE_DATA / "test.jsonl"), "--groups", "6", "--costs", "0", "35",
+                        "--groups", "6", "--costs", "0", "35",
                         "--groups-per-block", "2", "--blocks", "2", "--batch-size", "4", "--json", str(out)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env=env_without_data(SENTIMENT_NB_DATA=str(FIXTURE_DATA)))
     assert p.returncode == 0, p.stderr[-2000:]
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
     assert list(rows) == ["fixed", "cost:0", "cost:35"]
@@ -162,3 +177,50 @@ def test_length_chunks_bench_compares_the_cuts(tiny_model_dir, tmp_path):
     # the fewest passes are the fixed cut's, so a cut that costs least also pads least
     assert rows["cost:0"]["padding"] <= rows["cost:35"]["padding"] <= rows["fixed"]["padding"]
     assert rows["cost:0"]["padding"] == 1  # with passes free, no text is padded
+
+
+# --- where the sentences come from (bench/common.py) ----------------------------------------------------------------
+
+def test_the_data_path_is_the_flag_else_the_environment_variable(tmp_path):
+    common = load_bench("common")
+    flag, env = tmp_path / "flag.jsonl", tmp_path / "env.jsonl"
+    flag.write_text('{"text": "a"}\n')
+    env.write_text('{"text": "b"}\n')
+    assert common.data_path(str(flag), environ={"SENTIMENT_NB_DATA": str(env)}) == flag  # the flag wins
+    assert common.data_path(None, environ={"SENTIMENT_NB_DATA": str(env)}) == env
+    assert common.data_path(None, environ={"SENTIMENT_NB_DATA": str(FIXTURE_DATA)}) == FIXTURE_DATA / "test.jsonl"
+    assert common.read_sentences(common.data_path(str(FIXTURE_DATA), environ={}), limit=3) == \
+        [json.loads(line)["text"] for line in (FIXTURE_DATA / "test.jsonl").read_text().splitlines()[:3]]
+
+
+def test_with_neither_the_error_names_both(tmp_path):
+    common = load_bench("common")
+    with pytest.raises(common.DataError) as e:
+        common.data_path(None, environ={})
+    assert "--data" in str(e.value) and "SENTIMENT_NB_DATA" in str(e.value)
+    with pytest.raises(common.DataError, match="SENTIMENT_NB_DATA.*nope"):
+        common.data_path(None, environ={"SENTIMENT_NB_DATA": str(tmp_path / "nope")})
+    with pytest.raises(common.DataError, match="--data.*test.jsonl"):
+        common.data_path(str(tmp_path), environ={})  # a folder without test.jsonl
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(common.DataError, match="No sentences"):
+        common.read_sentences(tmp_path / "empty.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"sentence": "a"}\n')
+    with pytest.raises(common.DataError, match="line 1"):
+        common.read_sentences(tmp_path / "bad.jsonl")
+
+
+def test_no_script_points_outside_the_repository():
+    for name in SCRIPTS:
+        src = (BENCH.parent / f"{name}.py").read_text()
+        assert "REPO.parent" not in src and "DEFAULT_DATA" not in src and "def read_sentences" not in src, name
+        assert load_bench(name).read_sentences.__module__ == "common", name
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_each_script_without_data_stops_with_an_error_naming_both(name, tiny_model_dir):
+    extra = ["--backends", "torch"] if name == "backends" else []  # the tiny model has no ONNX graphs
+    p = subprocess.run([sys.executable, str(BENCH.parent / f"{name}.py"), "--model", str(tiny_model_dir), *extra],
+                       capture_output=True, text=True, timeout=120, env=env_without_data())
+    assert p.returncode == 2, (p.stdout[-1000:], p.stderr[-2000:])
+    assert "--data" in p.stderr and "SENTIMENT_NB_DATA" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
