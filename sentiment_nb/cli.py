@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .config import BACKEND_CHOICES, MAX_ACCURACY_DROP
 
 # %% auto #0
-__all__ = ['BACKEND_CHOICES', 'EXIT_USAGE', 'EXIT_SERVER_GONE', 'WATCH_INTERVAL_S', 'build_parser', 'read_texts',
-           'default_model_dir', 'cmd_predict', 'serve_settings', 'cmd_serve', 'cmd_info', 'main']
+__all__ = ['EXIT_USAGE', 'EXIT_SERVER_GONE', 'WATCH_INTERVAL_S', 'build_parser', 'read_texts', 'default_model_dir', 'cmd_predict',
+           'serve_settings', 'cmd_serve', 'cmd_info', 'main']
 
 # %% ../nbs/11_cli.ipynb #e2b4036d
 def _positive_int(s: str) -> int:
@@ -30,7 +31,6 @@ def _positive_int(s: str) -> int:
     return n
 
 
-BACKEND_CHOICES = ("torch", "onnx", "onnx-int8", "auto")  # sentiment_nb.predict.BACKEND_CHOICES, without importing it
 
 
 def _port(s: str) -> int:
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
     pr.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                     help="torch, ONNX Runtime fp32 or int8, or auto: the fastest whose recorded test accuracy is within "
-                         "0.5 points of torch's (default: %(default)s)")
+                         f"{MAX_ACCURACY_DROP:g} points of torch's (default: %(default)s)")
 
     sv = sub.add_parser("serve", help="serve the model over HTTP with Ray Serve",
                         description="Start a local Ray, deploy the model behind POST /predict, and stop cleanly "
@@ -100,15 +100,9 @@ def read_texts(texts: list[str], stdin=None) -> list[str]:
 
 def default_model_dir() -> Path:
     "The model folder `predict` reads without `--model`: `serve.model` of the nearest params file, else ./model."
-    from sentiment_nb.config import ParamsError, find_params_file, load_params
+    from sentiment_nb.config import load_params
 
-    try:
-        file = find_params_file()
-    except ParamsError:
-        if os.environ.get("SENTIMENT_NB_PARAMS"):  # asked for, and missing: say so, as `serve` does
-            raise
-        return Path("model")  # no params file around: not in a project
-    settings = load_params(file)  # an invalid params file is an error worth seeing
+    settings = load_params(missing_ok=True)  # an invalid params file is an error worth seeing
     return settings.resolve(settings.serve.model)
 
 
@@ -129,24 +123,12 @@ def cmd_predict(args) -> int:
 # %% ../nbs/11_cli.ipynb #17458a82
 def serve_settings(args):
     "The `Settings` for `sentiment-nb serve`: the params file, then the command-line options."
-    from sentiment_nb.config import Params, ParamsError, Settings, find_params_file, load_params
+    from sentiment_nb.config import load_params
 
     over = {"model": str(Path(args.model).expanduser().resolve()) if args.model else None, "host": args.host,
             "port": args.port, "num_replicas": args.replicas, "backend": args.backend}
     over = {f"serve.{k}": v for k, v in over.items() if v is not None}
-    try:
-        file = find_params_file(args.params)
-    except ParamsError:
-        if args.params or os.environ.get("SENTIMENT_NB_PARAMS"):
-            raise
-        if not over:
-            return Settings(Params(), Path.cwd())
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="sentiment-nb-") as d:  # overrides go through load_params' checks
-            (Path(d) / "params.yaml").write_text("{}\n")
-            return Settings(load_params(Path(d) / "params.yaml", over).params, Path.cwd())  # relative to here
-    return load_params(file, over)
+    return load_params(args.params, over, missing_ok=True)
 
 # %% ../nbs/11_cli.ipynb #7ff89929
 def _interrupt(signum, frame):
@@ -212,15 +194,13 @@ def cmd_serve(args) -> int:
 
 # %% ../nbs/11_cli.ipynb #8598fa5b
 def cmd_info(args) -> int:
-    from sentiment_nb.config import ParamsError, environment_info, find_params_file, load_params
+    from sentiment_nb.config import ParamsError, environment_info, load_params
 
     try:
-        settings = load_params(find_params_file(args.params))
+        settings = load_params(args.params, missing_ok=True)
     except ParamsError as e:
-        if args.params or os.environ.get("SENTIMENT_NB_PARAMS"):
-            return _fail(e)
-        settings = None  # no params file around: versions and device only
-    print(json.dumps(environment_info(settings), indent=2))
+        return _fail(e)
+    print(json.dumps(environment_info(settings if settings.source else None), indent=2))  # no file: no params
     return 0
 
 # %% ../nbs/11_cli.ipynb #b29be80a

@@ -9,19 +9,18 @@ import difflib
 import os
 import random
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # %% auto #0
-__all__ = ['LRScheduler', 'RUN_LOCATION_KEYS', 'PARAMS_ENV', 'PROXY_VARS', 'WEIGHTS_FILES', 'TOKENIZER_FILES', 'MODEL_DIR_HELP',
-           'ONNX_FILES', 'ONNX_SUBDIR', 'RECORDED_PACKAGES', 'DataParams', 'ModelParams', 'TrainParams',
-           'EvaluateParams', 'ServeParams', 'PathsParams', 'Params', 'ParamsError', 'find_params_file',
-           'parse_override', 'Settings', 'load_params', 'seed_everything', 'pick_device', 'hub_unreachable',
-           'hub_reachable', 'hub_load_options', 'ModelDirError', 'check_model_dir', 'git_revision', 'environment_info']
+__all__ = ['LRScheduler', 'Backend', 'BACKENDS', 'BACKEND_CHOICES', 'MAX_ACCURACY_DROP', 'MOVED_KEYS', 'PARAMS_ENV',
+           'RECORDED_PACKAGES', 'DataParams', 'ModelParams', 'TrainParams', 'RayParams', 'EvaluateParams',
+           'ServeParams', 'PathsParams', 'Params', 'ParamsError', 'find_params_file', 'parse_override', 'Settings',
+           'load_params', 'seed_everything', 'pick_device', 'git_revision', 'environment_info']
 
-# %% ../nbs/00_config.ipynb #0309ffa8
+# %% ../nbs/00_config.ipynb #dc910d41
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -38,7 +37,7 @@ class ModelParams(_Section):
     "Which pretrained checkpoint to start from."
     checkpoint: str = "distilbert-base-uncased"  # Hub id or local folder
 
-
+# %% ../nbs/00_config.ipynb #5625eb30
 # transformers' schedulers that need no `lr_scheduler_kwargs` (a test keeps the list in step with its SchedulerType)
 LRScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                       "inverse_sqrt"]
@@ -63,8 +62,6 @@ class TrainParams(_Section):
     save_total_limit: int = Field(2, ge=1)  # checkpoints kept for resuming (the best one is kept too)
     num_workers: int = Field(1, ge=1)  # >1: data-parallel with Ray Train (batch_size stays per worker)
     use_gpu: Literal["auto"] | bool = "auto"  # auto: a GPU per worker when there are enough of them
-    ray_address: str | None = None  # an existing Ray cluster (else $RAY_ADDRESS, else a local Ray)
-    storage_path: str | None = None  # Ray Train storage (s3://, gs://, shared NFS) for a multi-node cluster; None: a temp dir
 
     @field_validator("max_steps")
     @classmethod
@@ -80,16 +77,25 @@ class TrainParams(_Section):
             raise ValueError("must be a fraction of the run (below 1) or a whole number of steps")
         return v
 
+# %% ../nbs/00_config.ipynb #3d4bff68
+class RayParams(_Section):
+    "Where a Ray run happens (training on more than one worker): it changes where, never what is computed."
+    address: str | None = None  # an existing Ray cluster (else $RAY_ADDRESS, else a local Ray)
+    storage_path: str | None = None  # Ray Train storage (s3://, gs://, shared NFS) for a multi-node cluster; None: a temp dir
 
-# Where a training run happens, not what it computes: left out of its fingerprint, the DVC deps and the model card.
-RUN_LOCATION_KEYS = frozenset({"ray_address", "storage_path"})
-
-
+# %% ../nbs/00_config.ipynb #8dc80b0e
 class EvaluateParams(_Section):
     "How the test split is scored."
     batch_size: int = Field(64, ge=1)
     calibration_bins: int = Field(10, ge=2)
     worst_examples: int = Field(10, ge=0)  # most confidently wrong sentences shown in the report
+
+# %% ../nbs/00_config.ipynb #44cedc59
+# The inference backends of an exported model, and the test-accuracy points `serve.backend: auto` may give up for speed
+Backend = Literal["torch", "onnx", "onnx-int8"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+BACKEND_CHOICES = (*BACKENDS, "auto")  # what `serve.backend` and `--backend` accept
+MAX_ACCURACY_DROP = 0.5
 
 
 class ServeParams(_Section):
@@ -110,8 +116,8 @@ class ServeParams(_Section):
     max_chars: int = Field(2000, ge=1)  # per text
     max_texts: int = Field(64, ge=1)  # per request
     log_text: bool = False  # request logs keep the raw text only when true
-    backend: Literal["torch", "onnx", "onnx-int8", "auto"] = "auto"  # auto: fastest within max_accuracy_drop of torch
-    max_accuracy_drop: float = Field(0.5, ge=0)  # test accuracy points `auto` may give up for speed
+    backend: Literal[BACKEND_CHOICES] = "auto"  # auto: fastest within max_accuracy_drop of torch
+    max_accuracy_drop: float = Field(MAX_ACCURACY_DROP, ge=0)  # test accuracy points `auto` may give up for speed
     intra_op_threads: int = Field(0, ge=0)  # per replica; 0: one per CPU the replica reserves (at least 1)
     haproxy: Literal["auto"] | bool = "auto"  # HAProxy ingress; auto: when host is not a loopback address
 
@@ -122,7 +128,7 @@ class ServeParams(_Section):
             raise ValueError("must be -1 (no limit) or at least 1")
         return v
 
-
+# %% ../nbs/00_config.ipynb #3e416ebe
 class PathsParams(_Section):
     "Where each stage writes; relative paths are relative to the folder of the params file."
     prepared: str = "data/prepared"
@@ -141,6 +147,7 @@ class Params(_Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
+    ray: RayParams = RayParams()
     evaluate: EvaluateParams = EvaluateParams()
     serve: ServeParams = ServeParams()
     paths: PathsParams = PathsParams()
@@ -148,6 +155,9 @@ class Params(_Section):
 # %% ../nbs/00_config.ipynb #72f7369f
 class ParamsError(ValueError):
     "A params file that cannot be used; the message names each bad key and the fix."
+
+
+MOVED_KEYS = {"train.ray_address": "ray.address", "train.storage_path": "ray.storage_path"}  # old key -> new key
 
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -169,6 +179,8 @@ def _explain(err: ValidationError, source: str) -> ParamsError:
             known = _known_keys(Params, e["loc"][:-1])
             close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
             hint = f" Did you mean `{'.'.join([*map(str, e['loc'][:-1]), close[0]])}`?" if close else ""
+            if key in MOVED_KEYS:
+                hint = f" It moved: set `{MOVED_KEYS[key]}` instead."
             lines.append(f"unknown key `{key}`.{hint} Known keys here: {', '.join(known)}.")
         else:
             lines.append(f"`{key}` = {e.get('input')!r}: {e['msg']}.")
@@ -178,8 +190,8 @@ def _explain(err: ValidationError, source: str) -> ParamsError:
 PARAMS_ENV = "SENTIMENT_NB_PARAMS"
 
 
-def find_params_file(path: str | os.PathLike | None = None) -> Path:
-    "The params file to read: `path`, else `$SENTIMENT_NB_PARAMS`, else the nearest `params.yaml` upwards."
+def find_params_file(path: str | os.PathLike | None = None, missing_ok: bool = False) -> Path | None:
+    "The params file to read: `path`, else `$SENTIMENT_NB_PARAMS`, else the nearest `params.yaml` upwards (else None if `missing_ok`)."
     if path is None:
         path = os.environ.get(PARAMS_ENV) or None
     if path is not None:
@@ -193,6 +205,8 @@ def find_params_file(path: str | os.PathLike | None = None) -> Path:
     for folder in [Path.cwd(), *Path.cwd().parents]:
         if (folder / "params.yaml").is_file():
             return (folder / "params.yaml").resolve()
+    if missing_ok:  # outside a project (the Docker image, say): the caller falls back to the defaults
+        return None
     raise ParamsError(
         f"No params.yaml in {Path.cwd()} or any folder above it. "
         f"Run from the project folder, or set ${PARAMS_ENV} to a params file."
@@ -253,15 +267,23 @@ class Settings:
         return f"Settings(root={str(self.root)!r}, source={str(self.source) if self.source else None!r})"
 
 
-def load_params(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> Settings:
+def load_params(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None,
+                missing_ok: bool = False) -> Settings:
     "Read and validate a params file (see `find_params_file`), applying `section.key=value` `overrides`."
-    file = find_params_file(path)
+    file = find_params_file(path, missing_ok)
+    if file is None:  # no file named and none found: the defaults, relative to the current folder
+        return Settings(_validate({}, overrides, "the built-in defaults"), root=Path.cwd())
     try:
         raw = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ParamsError(f"{file} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{file} must hold a mapping of sections (data:, model:, train: ...), not {type(raw).__name__}.")
+    return Settings(_validate(raw, overrides, str(file)), root=file.parent, source=file)
+
+
+def _validate(raw: dict, overrides: list[str] | dict | None, source: str) -> Params:
+    "`raw` with `overrides` applied, as validated `Params`; errors name `source`."
     if isinstance(overrides, dict):
         overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in overrides.items()]
     for text in overrides or []:
@@ -269,8 +291,8 @@ def load_params(path: str | os.PathLike | None = None, overrides: list[str] | di
     try:
         params = Params.model_validate(raw)
     except ValidationError as e:
-        raise _explain(e, str(file)) from None
-    return Settings(params, root=file.parent, source=file)
+        raise _explain(e, source) from None
+    return params
 
 # %% ../nbs/00_config.ipynb #f55e55f8
 def seed_everything(seed: int) -> None:
@@ -297,85 +319,6 @@ def pick_device(prefer: str = "auto") -> str:
     if prefer not in available:
         raise ValueError(f"Device {prefer!r} is not available here; choose one of {available} or 'auto'.")
     return prefer
-
-# %% ../nbs/00_config.ipynb #18a26bc5
-_NETWORK_HINTS = ("connect", "resolve", "offline", "network", "timed out", "timeout", "unreachable",
-                  "huggingface.co", "hf_hub_offline", "max retries", "name or service")
-
-
-def hub_unreachable(err: BaseException) -> bool:
-    "Whether `err` (or an exception it was raised from) looks like a failure to reach the Hub."
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        text = f"{type(err).__name__} {err}".lower()
-        if any(h in text for h in _NETWORK_HINTS):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-# %% ../nbs/00_config.ipynb #a0fceb5b
-_TRUE = ("1", "on", "yes", "true")
-PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-
-
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    "Whether the Hub's host accepts a connection within `timeout_s`; False in offline mode, True behind a proxy."
-    import socket
-    from urllib.parse import urlsplit
-
-    if any(os.environ.get(v, "").lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        return False
-    if any(os.environ.get(v) for v in PROXY_VARS):
-        return True
-    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
-        return True
-    except OSError:  # the name does not resolve, or nothing answers
-        return False
-
-
-def hub_load_options(name_or_path: str) -> dict:
-    "Options for `from_pretrained(name_or_path)`: `local_files_only` when it is a Hub id and the Hub is out of reach."
-    if Path(name_or_path).is_dir() or hub_reachable():
-        return {}
-    return {"local_files_only": True}
-
-# %% ../nbs/00_config.ipynb #5aca2b2a
-class ModelDirError(ValueError):
-    "A model folder that is missing or incomplete; the message names the folder and the fix."
-
-
-WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
-                   "tokenizer.model")
-MODEL_DIR_HELP = "Run `dvc repro` (or `dvc pull`) to produce it, or pass --model with a model folder."
-ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}  # backend -> graph file
-ONNX_SUBDIR = "onnx"  # where an export keeps them
-
-
-def check_model_dir(path: str | os.PathLike) -> Path:
-    "`path` as an absolute `Path` if it holds a config, safetensors weights and a tokenizer; else a `ModelDirError`."
-    p = Path(path).expanduser().resolve()
-    if not p.exists():
-        raise ModelDirError(f"Model folder {str(p)!r} does not exist. {MODEL_DIR_HELP}")
-    if not p.is_dir():
-        raise ModelDirError(f"Model path {str(p)!r} is a file, not a folder saved with `save_pretrained`. {MODEL_DIR_HELP}")
-    missing = []
-    if not (p / "config.json").is_file():
-        missing.append("config.json")
-    if not any((p / f).is_file() for f in WEIGHTS_FILES):
-        old = " (it has pytorch_model.bin: re-save it with `save_pretrained`, which writes safetensors)" \
-            if (p / "pytorch_model.bin").is_file() else ""
-        missing.append(f"weights (model.safetensors){old}")
-    if not any((p / f).is_file() for f in TOKENIZER_FILES):
-        missing.append(f"tokenizer files ({' or '.join(TOKENIZER_FILES[:2])})")
-    if missing:
-        raise ModelDirError(f"Model folder {str(p)!r} is incomplete: it has no {', no '.join(missing)}. "
-                            f"It must be saved with `model.save_pretrained` and `tokenizer.save_pretrained`. "
-                            + MODEL_DIR_HELP)
-    return p
 
 # %% ../nbs/00_config.ipynb #1bbf9fd4
 RECORDED_PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "ray", "dvc", "dvclive")

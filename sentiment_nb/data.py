@@ -6,22 +6,24 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-from .config import TOKENIZER_FILES, Settings, hub_load_options, hub_unreachable
+from .config import Settings
+from .model_dir import LABEL_NAMES, TOKENIZER_FILES
 
 # %% auto #0
-__all__ = ['SPLITS', 'LABEL_NAMES', 'SUFFIXES', 'FEATURES', 'OFFLINE_HELP', 'CHECKPOINT_HELP', 'DataError', 'find_split_files',
-           'read_split_file', 'validate_split', 'load_local_splits', 'load_hub_splits', 'load_splits', 'data_report',
-           'sample_splits', 'load_tokenizer', 'check_max_length', 'tokenize_splits', 'token_summary', 'token_histogram']
+__all__ = ['SPLITS', 'SUFFIXES', 'FEATURES', 'PROXY_VARS', 'OFFLINE_HELP', 'CHECKPOINT_HELP', 'DataError', 'find_split_files',
+           'read_split_file', 'validate_split', 'hub_unreachable', 'hub_reachable', 'hub_load_options',
+           'load_local_splits', 'load_hub_splits', 'load_splits', 'data_report', 'sample_splits', 'load_tokenizer',
+           'check_max_length', 'tokenize_splits', 'token_summary', 'token_histogram', 'load_prepared']
 
 # %% ../nbs/02_data.ipynb #6f109b17
 SPLITS = ("train", "validation", "test")
-LABEL_NAMES = ("negative", "positive")  # label 0, label 1
 SUFFIXES = (".jsonl", ".csv", ".parquet")
 FEATURES = Features({"text": Value("string"), "label": ClassLabel(names=list(LABEL_NAMES))})
 
@@ -126,6 +128,50 @@ def validate_split(df: pd.DataFrame, name: str, show: int = 5) -> pd.DataFrame:
         raise DataError(f"{name}: {len(problems)} bad row(s). Fix or remove them:\n  "
                         + "\n  ".join(problems[:show]) + more)
     return pd.DataFrame({"text": df["text"].astype(str), "label": df["label"].astype(int)})
+
+# %% ../nbs/02_data.ipynb #18a26bc5
+_NETWORK_HINTS = ("connect", "resolve", "offline", "network", "timed out", "timeout", "unreachable",
+                  "huggingface.co", "hf_hub_offline", "max retries", "name or service")
+
+
+def hub_unreachable(err: BaseException) -> bool:
+    "Whether `err` (or an exception it was raised from) looks like a failure to reach the Hub."
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = f"{type(err).__name__} {err}".lower()
+        if any(h in text for h in _NETWORK_HINTS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+# %% ../nbs/02_data.ipynb #a0fceb5b
+_TRUE = ("1", "on", "yes", "true")
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    "Whether the Hub's host accepts a connection within `timeout_s`; False in offline mode, True behind a proxy."
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(v, "").lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return False
+    if any(os.environ.get(v) for v in PROXY_VARS):
+        return True
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
+        return True
+    except OSError:  # the name does not resolve, or nothing answers
+        return False
+
+
+def hub_load_options(name_or_path: str) -> dict:
+    "Options for `from_pretrained(name_or_path)`: `local_files_only` when it is a Hub id and the Hub is out of reach."
+    if Path(name_or_path).is_dir() or hub_reachable():
+        return {}
+    return {"local_files_only": True}
 
 # %% ../nbs/02_data.ipynb #beeaf719
 def load_local_splits(folder: str | Path) -> DatasetDict:
@@ -254,3 +300,19 @@ def token_histogram(dsd: DatasetDict, bin_width: int = 4) -> pd.DataFrame:
     for s in dsd:
         cols[s] = np.histogram(dsd[s]["n_tokens"], bins=edges)[0]
     return pd.DataFrame(cols)
+
+# %% ../nbs/02_data.ipynb #fbe280a7
+def load_prepared(settings: Settings, split: str | None = None):
+    "The tokenized splits that `prepare` saved to `paths.prepared` (a `DatasetDict`), or the one named `split`."
+    from datasets import load_from_disk
+
+    folder = settings.path("prepared")
+    if not folder.is_dir():
+        raise DataError(f"No prepared data in {folder}. Run the `prepare` stage first: dvc repro prepare")
+    dsd = load_from_disk(str(folder))
+    if split is None:
+        return dsd
+    if split not in dsd:
+        raise DataError(f"The prepared data in {folder} has no {split} split (it has {', '.join(dsd)}). "
+                        "Run `dvc repro prepare` again.")
+    return dsd[split]

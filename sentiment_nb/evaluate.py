@@ -10,55 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+from sklearn.metrics import accuracy_score, f1_score
 
-from .config import ONNX_FILES, Settings
+from .config import Settings
+from .metrics import calibration_table, compute_metrics
+from .model_dir import ONNX_FILES
 from .predict import OnnxPredictor, Predictor
 
 # %% auto #0
-__all__ = ['calibration_table', 'expected_calibration_error', 'compute_metrics', 'confusion_rows', 'reliability_rows',
-           'confidence_histogram', 'worst_examples', 'plot_reliability', 'load_test_split', 'check_labels',
+__all__ = ['confusion_rows', 'reliability_rows', 'confidence_histogram', 'worst_examples', 'plot_reliability', 'check_labels',
            'evaluate_model', 'write_outputs', 'backend_scores', 'score_backends', 'onnx_predictors']
-
-# %% ../nbs/06_evaluate.ipynb #87575cdb
-def calibration_table(confidence, correct, bins: int = 10) -> pd.DataFrame:
-    "Per equal-width confidence bin: its edges, mean `confidence`, `accuracy` and `count` (empty bins have NaN)."
-    confidence, correct = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    idx = np.clip(np.floor(confidence * bins + 1e-9).astype(int), 0, bins - 1)  # 1e-9: 0.6 in the 0.6 bin despite rounding
-    rows = []
-    for b in range(bins):
-        m = idx == b
-        rows.append({"bin_lower": round(edges[b], 6), "bin_upper": round(edges[b + 1], 6),
-                     "confidence": confidence[m].mean() if m.any() else np.nan,
-                     "accuracy": correct[m].mean() if m.any() else np.nan, "count": int(m.sum())})
-    return pd.DataFrame(rows)
-
-
-def expected_calibration_error(confidence, correct, bins: int = 10) -> float:
-    "The count-weighted mean of |accuracy - confidence| over equal-width confidence bins."
-    t = calibration_table(confidence, correct, bins)
-    t = t[t["count"] > 0]
-    return float((t["count"] * (t["accuracy"] - t["confidence"]).abs()).sum() / t["count"].sum())
-
-# %% ../nbs/06_evaluate.ipynb #de53cfc7
-def compute_metrics(labels, probs, label_names, bins: int = 10) -> dict:
-    "Accuracy, positive-class F1, per-class precision and recall, ECE and row count of `probs` against `labels`."
-    labels, probs = np.asarray(labels), np.asarray(probs)
-    if probs.ndim != 2 or probs.shape != (len(labels), len(label_names)):
-        raise ValueError(f"probs has shape {probs.shape}; expected ({len(labels)}, {len(label_names)}).")
-    preds = probs.argmax(axis=1)
-    ids = list(range(len(label_names)))
-    precision, recall, _, _ = precision_recall_fscore_support(labels, preds, labels=ids, zero_division=0)
-    metrics = {
-        "n": int(len(labels)),
-        "accuracy": float(accuracy_score(labels, preds)),
-        "f1": float(f1_score(labels, preds, pos_label=1, zero_division=0)),
-        "ece": expected_calibration_error(probs.max(axis=1), preds == labels, bins),
-    }
-    for i, name in enumerate(label_names):
-        metrics[name] = {"precision": float(precision[i]), "recall": float(recall[i])}
-    return metrics
 
 # %% ../nbs/06_evaluate.ipynb #bd21ff34
 def confusion_rows(labels, preds, label_names) -> pd.DataFrame:
@@ -118,20 +79,6 @@ def plot_reliability(table: pd.DataFrame, ax=None, title: str = "Reliability dia
     return ax
 
 # %% ../nbs/06_evaluate.ipynb #8b5ee949
-def load_test_split(settings: Settings):
-    "The `test` split of the prepared `DatasetDict` in `paths.prepared`."
-    from datasets import load_from_disk
-
-    folder = settings.path("prepared")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"No prepared data in {folder}. Run `dvc repro prepare` first.")
-    dsd = load_from_disk(str(folder))
-    if "test" not in dsd:
-        raise ValueError(f"The prepared data in {folder} has no test split (it has {', '.join(dsd)}). "
-                         "Run `dvc repro prepare` again.")
-    return dsd["test"]
-
-
 def check_labels(model_labels, data_labels) -> None:
     "Raise a `ValueError` unless the model's label names are the data's, in the same order."
     if list(model_labels) != list(data_labels):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import ONNX_FILES, ONNX_SUBDIR, RUN_LOCATION_KEYS, Settings, check_model_dir
-from .data import LABEL_NAMES
+from .config import Settings
+from .model_dir import LABEL_NAMES, ONNX_FILES, ONNX_SUBDIR, check_model_dir
 
 # %% auto #0
 __all__ = ['PICKLE_SUFFIXES', 'REQUIRED_METRICS', 'LICENSE', 'ExportError', 'check_replaceable', 'export_model', 'load_metrics',
@@ -129,7 +129,7 @@ def model_card(settings: Settings, metrics: dict, labels=LABEL_NAMES) -> str:
     where = "the Hugging Face Hub" if _is_hub_id(settings, ck) else "a local folder"
     data_where = "the Hugging Face Hub" if _is_hub_id(settings, d.source) else "a local folder"
     limit = f"at most {d.limit} sentences per split (a sample)" if d.limit else "all sentences"
-    train_rows = "\n".join(f"| `{k}` | {v} |" for k, v in settings.train.model_dump(exclude=set(RUN_LOCATION_KEYS)).items())
+    train_rows = "\n".join(f"| `{k}` | {v} |" for k, v in settings.train.model_dump().items())
     score_rows = [f"| accuracy | {_fmt(metrics['accuracy'])} |", f"| F1 ({labels[1]}) | {_fmt(metrics['f1'])} |"]
     for name in labels:
         for m in ("precision", "recall"):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ONNX_FILES, check_model_dir
+from .model_dir import ONNX_FILES, check_model_dir
 from .predict import OnnxPredictor, Predictor
 
 # %% auto #0

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import MODEL_DIR_HELP, ONNX_FILES, ONNX_SUBDIR, ModelDirError, check_model_dir, pick_device
+from .config import BACKEND_CHOICES, MAX_ACCURACY_DROP, pick_device
+from .model_dir import MODEL_DIR_HELP, ONNX_FILES, ONNX_SUBDIR, ModelDirError, check_model_dir
 
 # %% auto #0
-__all__ = ['PASS_COST_TOKENS', 'BACKENDS', 'BACKEND_CHOICES', 'SPEED_ORDER', 'InputError', 'check_texts', 'length_chunks',
-           'softmax', 'BasePredictor', 'Predictor', 'column_major_linears', 'onnx_file', 'OnnxPredictor',
-           'recorded_backends', 'json_preview', 'auto_device', 'select_backend', 'load_predictor', 'files_stamp',
-           'predict']
+__all__ = ['PASS_COST_TOKENS', 'SPEED_ORDER', 'InputError', 'check_texts', 'length_chunks', 'softmax', 'BasePredictor',
+           'Predictor', 'column_major_linears', 'onnx_file', 'OnnxPredictor', 'recorded_backends', 'json_preview',
+           'auto_device', 'select_backend', 'load_predictor', 'files_stamp', 'predict']
 
 # %% ../nbs/04_predict.ipynb #66a35bd8
 class InputError(ValueError):
@@ -179,10 +179,6 @@ def column_major_linears(model) -> int:
     return changed
 
 # %% ../nbs/04_predict.ipynb #394eeb43
-BACKENDS = ("torch", "onnx", "onnx-int8")
-BACKEND_CHOICES = (*BACKENDS, "auto")
-
-
 def onnx_file(model_dir: str | os.PathLike, backend: str, onnx_dir: str | os.PathLike | None = None) -> Path:
     "The ONNX file of `backend` (in `onnx_dir`, default `model_dir`/onnx); a `ModelDirError` if it is missing."
     if backend not in ONNX_FILES:
@@ -325,7 +321,7 @@ def auto_device() -> str:
     return pick_device() if importlib.util.find_spec("torch") else "cpu"
 
 
-def select_backend(model_dir: str | os.PathLike, backend: str = "auto", max_accuracy_drop: float = 0.5,
+def select_backend(model_dir: str | os.PathLike, backend: str = "auto", max_accuracy_drop: float = MAX_ACCURACY_DROP,
                    device: str = "cpu") -> tuple[str, str]:
     "The concrete backend for `backend` (`auto` or one of `BACKENDS`) and the reason for it."
     if backend not in BACKEND_CHOICES:
@@ -367,7 +363,7 @@ def select_backend(model_dir: str | os.PathLike, backend: str = "auto", max_accu
 
 
 def load_predictor(model_dir: str | os.PathLike, backend: str = "auto", device: str = "auto", batch_size: int = 32,
-                   threads: int = 0, max_accuracy_drop: float = 0.5, max_length: int | None = None) -> BasePredictor:
+                   threads: int = 0, max_accuracy_drop: float = MAX_ACCURACY_DROP, max_length: int | None = None) -> BasePredictor:
     "A predictor for `model_dir` on `backend` (`auto`: see `select_backend`); its `backend` says which one."
     chosen, reason = select_backend(model_dir, backend, max_accuracy_drop, device)
     if chosen == "torch":
@@ -389,7 +385,7 @@ def files_stamp(folder: str | os.PathLike) -> tuple:
 
 
 def predict(texts, model_dir: str | os.PathLike = "model", batch_size: int = 32, device: str = "auto",
-            backend: str = "auto", max_accuracy_drop: float = 0.5) -> list[dict]:
+            backend: str = "auto", max_accuracy_drop: float = MAX_ACCURACY_DROP) -> list[dict]:
     "Label `texts` with the model in `model_dir` on `backend`, loaded once per (folder, backend, device) and reused."
     folder = str(check_model_dir(model_dir))
     chosen, _ = select_backend(folder, backend, max_accuracy_drop, device)

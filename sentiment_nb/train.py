@@ -18,19 +18,21 @@ from urllib.parse import urlparse
 import numpy as np
 from transformers.integrations import DVCLiveCallback
 
-from .config import RUN_LOCATION_KEYS, Params, Settings, hub_load_options, hub_unreachable, pick_device, seed_everything
-from .data import CHECKPOINT_HELP, LABEL_NAMES, DataError, check_max_length, load_tokenizer
+from .config import Params, Settings, pick_device, seed_everything
+from .data import CHECKPOINT_HELP, DataError, check_max_length, load_prepared, load_tokenizer
+from .metrics import compute_metrics
+from .model_dir import LABEL_NAMES
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'FINGERPRINT_FILE', 'STAGE', 'OUTPUTS', 'WORKER_LAYOUT', 'resolve_precision', 'resolve_device',
-           'training_arguments', 'compute_metrics', 'load_model', 'run_fingerprint', 'checkpoint_folders',
+           'training_arguments', 'validation_metrics', 'load_model', 'run_fingerprint', 'checkpoint_folders',
            'is_complete', 'complete_checkpoints', 'resumable_checkpoint', 'mark_complete', 'relocate_best_checkpoint',
-           'DVCLiveStepCallback', 'trim_curves', 'open_live', 'checkpoint_step', 'by_length', 'load_prepared',
-           'build_trainer', 'fit', 'train', 'samples_per_step', 'steps_per_epoch', 'is_remote', 'storage_warning',
-           'run_storage', 'stage_inputs', 'fetch_inputs', 'worker_config', 'report_outputs', 'ray_worker',
-           'collect_outputs', 'restore_checkpoints', 'ray_address', 'train_on_ray']
+           'DVCLiveStepCallback', 'trim_curves', 'open_live', 'checkpoint_step', 'by_length', 'build_trainer', 'fit',
+           'train', 'samples_per_step', 'steps_per_epoch', 'is_remote', 'storage_warning', 'run_storage',
+           'stage_inputs', 'fetch_inputs', 'worker_config', 'report_outputs', 'ray_worker', 'collect_outputs',
+           'restore_checkpoints', 'ray_address', 'train_on_ray']
 
 # %% ../nbs/03_train.ipynb #5352db1c
 def resolve_precision(precision: str, device: str) -> str:
@@ -99,18 +101,20 @@ def training_arguments(settings: Settings, device: str, output_dir: str | Path, 
     return TrainingArguments(**kwargs)
 
 # %% ../nbs/03_train.ipynb #c9735fd0
-def compute_metrics(eval_pred) -> dict:
-    "Validation accuracy and F1 from the `Trainer`'s `(logits, labels)`."
-    from sklearn.metrics import accuracy_score, f1_score
-
+def validation_metrics(eval_pred) -> dict:
+    "Accuracy and F1 (`compute_metrics`) from the `Trainer`'s `(logits, labels)`: the scalars it logs and ranks by."
     logits, labels = eval_pred
-    preds = np.asarray(logits).argmax(-1)
-    return {"accuracy": float(accuracy_score(labels, preds)), "f1": float(f1_score(labels, preds, zero_division=0))}
+    logits = np.asarray(logits, dtype=np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    m = compute_metrics(labels, probs / probs.sum(-1, keepdims=True), LABEL_NAMES)
+    return {"accuracy": m["accuracy"], "f1": m["f1"]}
 
 # %% ../nbs/03_train.ipynb #9e7ece69
 def load_model(checkpoint: str):
     "`checkpoint` with a new sequence-classification head labelled negative/positive."
     from transformers import AutoModelForSequenceClassification
+
+    from sentiment_nb.data import hub_load_options, hub_unreachable
 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -130,7 +134,7 @@ FINGERPRINT_FILE = "fingerprint.json"
 
 def run_fingerprint(settings: Settings, data_fingerprint: str) -> str:
     "A hash of everything that makes two training runs the same run (where it runs is not part of it)."
-    key = {"train": settings.train.model_dump(exclude=set(RUN_LOCATION_KEYS)), "checkpoint": settings.model.checkpoint, "data": data_fingerprint}
+    key = {"train": settings.train.model_dump(), "checkpoint": settings.model.checkpoint, "data": data_fingerprint}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -255,16 +259,6 @@ def by_length(ds):
     return ds.select(np.argsort(ds["n_tokens"], kind="stable"), keep_in_memory=True)
 
 
-def load_prepared(settings: Settings):
-    "The tokenized splits that the `prepare` stage saved to `paths.prepared`."
-    from datasets import load_from_disk
-
-    prepared = settings.path("prepared")
-    if not prepared.is_dir():
-        raise DataError(f"No prepared data in {prepared}. Run the `prepare` stage first: dvc repro prepare")
-    return load_from_disk(str(prepared))
-
-
 def build_trainer(settings: Settings, device: str, callbacks: list | None = None):
     "The `Trainer` for `settings` on `device`: prepared splits, tokenizer, a fresh model, the arguments."
     from transformers import DataCollatorWithPadding, Trainer
@@ -282,7 +276,7 @@ def build_trainer(settings: Settings, device: str, callbacks: list | None = None
         eval_dataset=by_length(dsd["validation"]),
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=compute_metrics,
+        compute_metrics=validation_metrics,
         callbacks=callbacks,
     )
 
@@ -371,16 +365,16 @@ def storage_warning(address: str | None, storage_path: str | None) -> str | None
     "The warning for a run on the cluster at `address` with storage that only this machine may see; None if fine."
     if not address or is_remote(storage_path):
         return None
-    where = f"the local folder {storage_path!r}" if storage_path else "a temporary folder on this machine (train.storage_path: null)"
+    where = f"the local folder {storage_path!r}" if storage_path else "a temporary folder on this machine (ray.storage_path: null)"
     return (f"Ray Train on the cluster at {address} stores the run in {where}. That is fine if the cluster is this machine "
             "or the folder is a shared file system mounted at the same path on every node; a multi-node cluster needs "
-            "storage that every node can reach (Ray requires it since 2.7): set train.storage_path to s3://..., gs://... "
+            "storage that every node can reach (Ray requires it since 2.7): set ray.storage_path to s3://..., gs://... "
             "or a shared NFS folder.")
 
 
 def run_storage(settings: Settings) -> tuple[str, bool]:
     "`RunConfig.storage_path` for this run (a URI or an absolute folder), and whether it is a temporary folder."
-    p = settings.train.storage_path
+    p = settings.ray.storage_path
     if p is None:
         return tempfile.mkdtemp(prefix="sentiment-nb-ray-storage-"), True
     return (p if "://" in p else str(settings.resolve(p))), False
@@ -429,7 +423,7 @@ def worker_config(settings: Settings, device: str, staged: list[str], resume_fro
                   workdir: str = "sentiment-nb-train") -> dict:
     "The `train_loop_config` of every Ray worker: the settings `fit` needs, with paths inside the worker's own folder."
     params = {
-        "train": {**settings.train.model_dump(mode="json"), **dict.fromkeys(RUN_LOCATION_KEYS)},
+        "train": settings.train.model_dump(mode="json"),
         "model": {"checkpoint": WORKER_LAYOUT["base_model"] if "base_model" in staged else settings.model.checkpoint},
         "paths": {k: WORKER_LAYOUT[k] for k in ("prepared", "checkpoints", "best_model", "train_live")},
     }
@@ -528,8 +522,8 @@ def restore_checkpoints(checkpoints: list, folder: str | Path) -> list[str]:
 
 # %% ../nbs/03_train.ipynb #a66a08ad
 def ray_address(settings: Settings) -> str | None:
-    "The cluster to train on: `train.ray_address`, else `$RAY_ADDRESS`, else None (start a local Ray)."
-    return settings.train.ray_address or os.environ.get("RAY_ADDRESS") or None
+    "The cluster to train on: `ray.address`, else `$RAY_ADDRESS`, else None (start a local Ray)."
+    return settings.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
 def _restore_after_failure(fs, run_dir: str, folder: Path) -> list[str]:
@@ -557,7 +551,7 @@ def train_on_ray(settings: Settings, resume_from: str | None = None, callbacks: 
 
     t = settings.train
     address = ray_address(settings)
-    if warning := storage_warning(address, t.storage_path):
+    if warning := storage_warning(address, settings.ray.storage_path):
         logger.warning(warning)
     storage, temporary = run_storage(settings)
     name = f"sentiment-nb-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"

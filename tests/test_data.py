@@ -5,8 +5,9 @@ import shutil
 import pandas as pd
 import pytest
 
-from sentiment_nb.config import PROXY_VARS, load_params
+from sentiment_nb.config import load_params
 from sentiment_nb.data import (
+    PROXY_VARS,
     DataError,
     data_report,
     load_hub_splits,

@@ -6,17 +6,15 @@ import pandas as pd
 import pytest
 
 from sentiment_nb.evaluate import (
-    calibration_table,
     check_labels,
-    compute_metrics,
     confidence_histogram,
     confusion_rows,
     evaluate_model,
-    expected_calibration_error,
     reliability_rows,
     worst_examples,
     write_outputs,
 )
+from sentiment_nb.metrics import calibration_table, compute_metrics, expected_calibration_error
 from sentiment_nb.predict import Predictor
 
 NAMES = ["negative", "positive"]

@@ -144,10 +144,9 @@ def test_a_failed_swap_puts_the_previous_export_back(project, monkeypatch):
 
 def test_the_card_leaves_out_where_training_ran(tmp_path, project):
     p = tmp_path / "params.yaml"
-    p.write_text(p.read_text() + "  ray_address: 10.1.2.3:6379\n  storage_path: /mnt/alice-nfs/runs\n")
-    body = (write_export(load_params(p)) / "README.md").read_text()
+    body = (write_export(load_params(p, ["ray.address=10.1.2.3:6379", "ray.storage_path=/mnt/alice-nfs/runs"])) / "README.md").read_text()
     assert "| `learning_rate` | 3e-05 |" in body
-    assert "10.1.2.3" not in body and "alice-nfs" not in body and "ray_address" not in body
+    assert "10.1.2.3" not in body and "alice-nfs" not in body and "address" not in body
 
 
 def test_refuses_to_empty_a_foreign_folder(project):

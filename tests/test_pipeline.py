@@ -159,8 +159,8 @@ def test_params_changes_rerun_only_the_stages_that_read_them(project):
         assert sorted(json.loads(dvc(root, "status", "--json").stdout)) == ["evaluate"]
 
         params["evaluate"]["calibration_bins"] = 10
-        params["train"]["storage_path"] = "/mnt/elsewhere"  # where a run happens reruns nothing
-        params["train"]["ray_address"] = "10.0.0.5:6379"
+        params["ray"]["storage_path"] = "/mnt/elsewhere"  # where a run happens reruns nothing
+        params["ray"]["address"] = "10.0.0.5:6379"
         write_params(root / "params.yaml", params)
         assert dvc(root, "status").stdout.strip() == "Data and pipelines are up to date."
 

@@ -11,7 +11,7 @@ import yaml
 from helpers import REPO, git
 
 from sentiment_nb.cli import main
-from sentiment_nb.config import RUN_LOCATION_KEYS, ParamsError, TrainParams, environment_info, git_revision, load_params
+from sentiment_nb.config import Params, ParamsError, RayParams, TrainParams, environment_info, git_revision, load_params
 from sentiment_nb.train import resolve_device, run_fingerprint, samples_per_step, steps_per_epoch
 
 RECORD_KEYS = {"sentiment_nb", "python", "platform", "git", "packages", "device"}
@@ -72,11 +72,13 @@ def test_info_command_with_a_missing_params_file(capsys):
 
 def test_train_scaling_settings(tmp_path):
     t = TrainParams()
-    assert (t.num_workers, t.use_gpu, t.ray_address) == (1, "auto", None)
+    assert (t.num_workers, t.use_gpu, RayParams().address) == (1, "auto", None)
     f = tmp_path / "params.yaml"
-    f.write_text("train:\n  num_workers: 4\n  use_gpu: false\n  ray_address: 10.0.0.5:6379\n")
+    f.write_text("train:\n  num_workers: 4\n  use_gpu: false\nray:\n  address: 10.0.0.5:6379\n")
     s = load_params(f)
-    assert (s.train.num_workers, s.train.use_gpu, s.train.ray_address) == (4, False, "10.0.0.5:6379")
+    assert (s.train.num_workers, s.train.use_gpu, s.ray.address) == (4, False, "10.0.0.5:6379")
+    with pytest.raises(ParamsError, match="unknown key `train.ray_address`"):  # moved to the ray section
+        load_params(f, ["train.ray_address=10.0.0.5:6379"])
     for bad in ("train.num_workers=0", "train.use_gpu=sometimes"):
         with pytest.raises(ParamsError, match=bad.split("=")[0]):
             load_params(f, [bad])
@@ -91,7 +93,7 @@ def test_samples_per_step_and_epoch():
 
 def test_where_a_run_happens_is_not_part_of_it(smoke_params_file):
     s = load_params(smoke_params_file)
-    there = load_params(smoke_params_file, ["train.ray_address=10.0.0.1:6379", "train.storage_path=s3://bucket/runs"])
+    there = load_params(smoke_params_file, ["ray.address=10.0.0.1:6379", "ray.storage_path=s3://bucket/runs"])
     assert run_fingerprint(s, "d") == run_fingerprint(there, "d")  # a checkpoint resumes on another cluster
     assert run_fingerprint(s, "d") != run_fingerprint(load_params(smoke_params_file, ["train.num_workers=2"]), "d")
 
@@ -99,11 +101,16 @@ def test_where_a_run_happens_is_not_part_of_it(smoke_params_file):
 @pytest.mark.parametrize("stage", ["train", "export"])  # export: the card's training table
 def test_dvc_stage_tracks_every_train_setting_but_where_it_runs(stage):
     params = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["params"]
-    assert "train" not in params  # the whole section would rerun the stage for ray_address or storage_path
-    tracked = {p.removeprefix("train.") for p in params if isinstance(p, str) and p.startswith("train.")}
-    assert tracked == set(TrainParams.model_fields) - RUN_LOCATION_KEYS
+    assert "train" in params  # the whole section, as example-get-started declares it
+    assert not any(isinstance(p, str) and p.startswith("ray") for p in params)  # where it runs reruns nothing
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert set(params["train"]) == set(TrainParams.model_fields)
+    assert not {"address", "storage_path"} & set(TrainParams.model_fields)
+
+
+def test_params_yaml_holds_exactly_the_schema_defaults():
+    "The defaults live in the pydantic fields; params.yaml states them for DVC, and may not drift from them."
+    assert yaml.safe_load((REPO / "params.yaml").read_text()) == Params().model_dump(mode="json")
 
 
 def test_default_dvc_remote_is_a_local_folder_outside_the_working_tree():

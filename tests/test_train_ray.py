@@ -1,6 +1,6 @@
 """Ray Train: `train.num_workers: 2` runs real DDP (gloo, on CPUs) on a local Ray or on an existing cluster,
 and leaves the same files as a single-process run. The workers get no path of the project: their inputs and
-outputs travel through the run's storage (`train.storage_path`), as on a cluster of several machines."""
+outputs travel through the run's storage (`ray.storage_path`), as on a cluster of several machines."""
 import contextlib
 import json
 import logging
@@ -32,9 +32,10 @@ from sentiment_nb.train import (
 N_TRAIN = 32  # sentences in the fixture's train split
 
 
-def prepared_settings(folder: Path, tiny_model_dir: Path, **train_params):
-    "Smoke settings in `folder` with `train_params`, and the fixture data prepared there."
-    s = load_params(write_params(folder / "params.yaml", smoke_params(FIXTURE_DATA, tiny_model_dir, train=train_params)))
+def prepared_settings(folder: Path, tiny_model_dir: Path, storage_path: str | None = None, **train_params):
+    "Smoke settings in `folder` with `train_params` (and Ray's `storage_path`), and the fixture data prepared there."
+    params = smoke_params(FIXTURE_DATA, tiny_model_dir, train=train_params, ray={"storage_path": storage_path})
+    s = load_params(write_params(folder / "params.yaml", params))
     tok = load_tokenizer(s.model.checkpoint)
     tokenize_splits(load_splits(s), tok, s.data.max_length).save_to_disk(str(s.path("prepared")))
     return s
