@@ -275,6 +275,15 @@ def check_allow_listed(tool: str, args: list[str]) -> list[str]:
     return [f"{key}: flag {f} is not in the allow-list" for f in flags(rest) if f not in ALLOWED_FLAGS[key]]
 
 
+PYTEST_OPTIONS: set[str] | None = None  # the options of the pytest running these tests, set by a fixture below
+
+
+def check_pytest(args: list[str]) -> list[str]:
+    if PYTEST_OPTIONS is None:  # outside a test, or a pytest whose private parser moved: ask `pytest --help`
+        return help_problems([sys.executable, "-m", "pytest", "-c", "/dev/null"], args, "pytest")
+    return [f"pytest: unknown flag {f}" for f in flags(args) if f not in PYTEST_OPTIONS]
+
+
 def check_jupyter(args: list[str]) -> list[str]:
     sub, _ = subcommand(args)
     return [] if sub and shutil.which(f"jupyter-{sub}") else [f"jupyter {sub}: not installed"]
@@ -284,7 +293,7 @@ CHECKS = {
     "sentiment-nb": lambda a: ([] if console_script("sentiment-nb") else ["sentiment-nb: no console script"])
     + argparse_problems(cli_parser(), a, "sentiment-nb"),
     "dvc": lambda a: argparse_problems(dvc_parser(), a, "dvc") + (params_key_problems(a) if a[:2] == ["exp", "run"] else []),
-    "pytest": lambda a: help_problems([sys.executable, "-m", "pytest", "-c", "/dev/null"], a, "pytest"),
+    "pytest": lambda a: check_pytest(a),
     "pip": lambda a: help_problems([sys.executable, "-m", "pip", *subcommand(a)[0:1]], subcommand(a)[1], "pip"),
     "papermill": lambda a: help_problems(["papermill"], a, "papermill"),
     "ruff": lambda a: check_tool_with_subcommands("ruff", a),
@@ -324,6 +333,18 @@ def problems(argv: list[str]) -> list[str]:
 DOCUMENTED = documented_commands()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _this_pytests_options(pytestconfig):
+    "The options of this pytest run, its plugins included: the same as a documented `pytest` gets, without a `--help`."
+    global PYTEST_OPTIONS
+    try:
+        PYTEST_OPTIONS = set(pytestconfig._parser.optparser._option_string_actions)
+    except AttributeError:
+        PYTEST_OPTIONS = None
+    yield
+    PYTEST_OPTIONS = None
+
+
 def test_the_pages_have_commands():
     assert {where.split(":")[0] for where, _ in DOCUMENTED} >= {"README.md", "docs/serving.md", "docs/pipeline.md",
                                                                 "bench/README.md"}
@@ -331,7 +352,11 @@ def test_the_pages_have_commands():
     assert {"pip", "dvc", "pytest", "sentiment-nb", "curl", "python"} <= tools
 
 
-@pytest.mark.parametrize("where, argv", DOCUMENTED, ids=[w for w, _ in DOCUMENTED])
+SLOW_TOOLS = {"ray", "serve"}  # their --help imports Ray: 3-4 s each, so they run with the slow tests
+
+
+@pytest.mark.parametrize("where, argv", [
+    pytest.param(w, argv, id=w, marks=[pytest.mark.slow] if argv[0] in SLOW_TOOLS else []) for w, argv in DOCUMENTED])
 def test_documented_command_exists_with_its_flags(where, argv):
     assert problems(argv) == [], f"{where}: {shlex.join(argv)}"
 
