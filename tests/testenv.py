@@ -20,13 +20,30 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import FIXTURE_DATA, build_tiny_model, smoke_params, write_params  # noqa: E402  (tests/ is on sys.path)
 
 _BASE = Path(tempfile.mkdtemp(prefix="sentiment-nb-tests-"))
+# Ray puts `ray/session_<date>_<time>_<pid>/sockets/plasma_store` (68 bytes) under $RAY_TMPDIR, and a UNIX socket's path
+# may have at most 107 bytes: under a $TMPDIR a little longer than /tmp, _BASE/ray is too long for it.
+RAY_SOCKET_TAIL = len("/ray/session_2026-12-07_19-03-26_123456_4194304/sockets/plasma_store")
+
+
+def short_ray_tmpdir(base: Path) -> Path:
+    "$RAY_TMPDIR for the tests: `base`/ray if Ray's socket paths fit under it, else a new folder in /tmp (one line if none)."
+    if len(os.fsencode(str(base / "ray"))) + RAY_SOCKET_TAIL <= 103:
+        return base / "ray"
+    try:
+        return Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    except OSError as e:
+        raise pytest.UsageError(f"Ray's folders need a path short enough for its sockets (at most 107 bytes), and "
+                                f"{base} is too long and /tmp unusable ({e.strerror}): run with TMPDIR=/tmp.") from None
+
+
+_RAY_TMPDIR = short_ray_tmpdir(_BASE)
 
 
 def pytest_configure(config):
     for var, sub in [("HF_HOME", "hf"), ("XDG_CACHE_HOME", "cache"), ("MPLCONFIGDIR", "mpl"), ("IPYTHONDIR", "ipython"),
                      ("JUPYTER_RUNTIME_DIR", "jupyter/runtime"), ("JUPYTER_DATA_DIR", "jupyter/data"),
                      ("DVC_SITE_CACHE_DIR", "dvc/site"), ("DVC_GLOBAL_CONFIG_DIR", "dvc/global"),
-                     ("RAY_TMPDIR", "ray"), ("TMPDIR", "tmp")]:
+                     ("RAY_TMPDIR", _RAY_TMPDIR), ("TMPDIR", "tmp")]:
         (_BASE / sub).mkdir(parents=True, exist_ok=True)
         os.environ[var] = str(_BASE / sub)
     tempfile.tempdir = None  # re-read TMPDIR
@@ -39,6 +56,7 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     shutil.rmtree(_BASE, ignore_errors=True)
+    shutil.rmtree(_RAY_TMPDIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
