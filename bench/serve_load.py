@@ -177,7 +177,7 @@ def table(rows: list[dict], cols: list[str] = RESULT_COLUMNS) -> str:
 def run_serve(args, model: Path, sentences: list[str]) -> list[dict]:
     "Start the Ray Serve app on the loopback, load it at each level, stop it."
     from sentiment_nb.config import load_params
-    from sentiment_nb.serve import start_server, stop_server
+    from sentiment_nb.serve.server import start_server, stop_server
 
     over = {"serve.model": str(model), "serve.host": "127.0.0.1", "serve.port": free_port(),
             "serve.num_replicas": args.replicas, "serve.autoscaling": False, "serve.num_cpus": args.cpus,

@@ -154,8 +154,7 @@ def cmd_serve(args) -> int:
         settings = serve_settings(args)
     except ParamsError as e:
         return _fail(e)
-    from sentiment_nb.serve import (
-        CapacityError,
+    from sentiment_nb.serve.server import (
         ServeStartError,
         dead_ray_processes,
         log_dir,
@@ -178,7 +177,7 @@ def cmd_serve(args) -> int:
         print(f"sentiment-nb: error: Ray's {' and '.join(dead)} stopped, so the server is gone; "
               f"see the logs in {log_dir().parent}.", file=sys.stderr, flush=True)
         return EXIT_SERVER_GONE
-    except (ModelDirError, ParamsError, CapacityError, ServeStartError) as e:
+    except (ModelDirError, ParamsError, ServeStartError) as e:  # a taken port, no room, HAProxy, a deployment
         return _fail(e)
     except KeyboardInterrupt as e:
         print(f"Stopping ({e or 'SIGINT'})...", file=sys.stderr, flush=True)

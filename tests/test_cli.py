@@ -116,13 +116,13 @@ def fake_server(monkeypatch, stop_server) -> tuple:
     import os
     import signal
 
-    from sentiment_nb import serve
+    from sentiment_nb.serve import server
 
-    monkeypatch.setattr(serve, "start_server", lambda settings, **kw: "http://127.0.0.1:9")
-    monkeypatch.setattr(serve, "stop_server", stop_server)
-    monkeypatch.setattr(serve, "log_dir", lambda: Path("/nowhere/logs/serve"))
-    monkeypatch.setattr(serve, "metrics_url", lambda: "http://127.0.0.1:9/metrics")
-    monkeypatch.setattr(serve, "dead_ray_processes", lambda: os.kill(os.getpid(), signal.SIGINT) or [])  # a Ctrl-C
+    monkeypatch.setattr(server, "start_server", lambda settings, **kw: "http://127.0.0.1:9")
+    monkeypatch.setattr(server, "stop_server", stop_server)
+    monkeypatch.setattr(server, "log_dir", lambda: Path("/nowhere/logs/serve"))
+    monkeypatch.setattr(server, "metrics_url", lambda: "http://127.0.0.1:9/metrics")
+    monkeypatch.setattr(server, "dead_ray_processes", lambda: os.kill(os.getpid(), signal.SIGINT) or [])  # a Ctrl-C
     return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # the handlers to find back
 
 
@@ -148,12 +148,12 @@ def test_a_second_signal_while_stopping_does_not_cut_the_shutdown_short(capsys, 
 def test_serve_exits_1_when_rays_node_dies_and_still_stops_what_is_left(capsys, monkeypatch, tiny_model_dir):
     import signal
 
-    from sentiment_nb import serve
+    from sentiment_nb.serve import server
 
     stopped = []
     before = fake_server(monkeypatch, lambda: stopped.append("done"))
     checks = iter([[], [], ["raylet"]])  # two checks find the node up, the third finds its raylet dead
-    monkeypatch.setattr(serve, "dead_ray_processes", lambda: next(checks))
+    monkeypatch.setattr(server, "dead_ray_processes", lambda: next(checks))
     monkeypatch.setattr("sentiment_nb.cli.WATCH_INTERVAL_S", 0.01)
     code, out, err = run(capsys, "serve", "--model", str(tiny_model_dir))
     assert code == 1 and stopped == ["done"], err

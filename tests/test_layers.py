@@ -1,60 +1,171 @@
 """The library's import layers: which generated modules each module may import, lazy imports inside functions too.
 
-Serving must never load the training stack, and the stages share only `config` (and `data`) unless they score a
-model, which they do through `predict`, the code that serving runs.
+Every module of the package is listed, those of its sub-packages (`serve.api`, ...) included, and the arrows go one
+way. Serving must never load the training stack, not even through another module, and the stages share only
+`config` and `model_dir` (and `data`) unless they score a model, which they do through `predict`, the code that
+serving runs.
 """
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 LIBRARY = Path(__file__).resolve().parents[1] / "sentiment_nb"
+SERVE = {"serve.api", "serve.app", "serve.server"}
 ALLOWED = {
     "config": set(),
-    "data": {"config"},
-    "train": {"config", "data"},
-    "export": {"config", "data"},
-    "onnx_export": {"config", "predict"},  # checks its graphs against PyTorch through the predictors
-    "evaluate": {"config", "data", "predict"},  # scores what will be served, backend by backend
-    "predict": {"config"},
-    "serve": {"config", "predict"},
-    "cli": {"config", "predict", "serve"},
+    "model_dir": {"config"},  # the model-folder contract: files, label names, ONNX names, check_model_dir
+    "metrics": set(),  # one compute_metrics for train and evaluate
+    "data": {"config", "model_dir"},
+    "train": {"config", "model_dir", "data", "metrics"},
+    "export": {"config", "model_dir", "data"},
+    "predict": {"config", "model_dir"},
+    "onnx_export": {"config", "model_dir", "predict"},  # checks its graphs against PyTorch through the predictors
+    "evaluate": {"config", "model_dir", "data", "predict", "metrics"},  # scores what will be served, backend by backend
+    "serve.api": {"config"},  # the HTTP contract: schemas, errors, body limit, page, the FastAPI app without routes
+    "serve.app": {"config", "model_dir", "predict", "serve.api"},  # the deployments and build_app
+    "serve.server": {"config", "serve.api", "serve.app"},  # running a server: ports, HAProxy, Ray, start/stop
+    "cli": {"config", "model_dir", "predict", *SERVE},
 }
+TRAINING_STACK = {"train", "data", "evaluate", "export", "metrics"}  # and the third-party packages below
+TRAINING_PACKAGES = {"datasets", "pandas", "sklearn", "dvclive", "accelerate"}
+LOADED_BY_RAY = {"pandas"}  # Ray Serve imports pandas itself: only its absence from our own imports can be checked
 
 
-MODULES = {p.stem for p in LIBRARY.glob("*.py")}
+def module_name(path: Path) -> str:
+    "The dotted name of `path` inside the package: `config`, `serve.app`; a package's `__init__.py` gives `serve`."
+    parts = path.relative_to(LIBRARY).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported_modules(path: Path) -> set[str]:
+def library_modules(root: Path = LIBRARY) -> dict[str, Path]:
+    "Every generated module of the package, sub-packages included (nbdev's `_modidx` and the root `__init__` aside)."
+    return {module_name(p): p for p in sorted(root.rglob("*.py"))
+            if not p.name.startswith("_") and "__pycache__" not in p.parts}
+
+
+MODULES = library_modules()
+PACKAGES = {module_name(p) for p in LIBRARY.rglob("__init__.py")} - {""}
+
+
+def resolve(node: ast.ImportFrom, module: str) -> str | None:
+    "The package-relative dotted name that `from X import ...` names in `module`; None outside the package."
+    name = node.module or ""
+    if node.level:
+        package = module.split(".")[:-1]  # the package this module is in ("serve.app" -> ["serve"])
+        base = package[:len(package) - (node.level - 1)]
+        return ".".join(base + ([name] if name else []))
+    if name == "sentiment_nb" or name.startswith("sentiment_nb."):
+        return name.removeprefix("sentiment_nb").lstrip(".")
+    return None
+
+
+def imported_modules(path: Path, module: str | None = None) -> set[str]:
     "The modules of the package that `path` imports anywhere in its code (the package root, for __version__, aside)."
+    module = module or module_name(path)
+    known = set(MODULES) | PACKAGES
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            name = node.module or ""
-            if not (node.level or name == "sentiment_nb" or name.startswith("sentiment_nb.")):
+            inner = resolve(node, module)
+            if inner is None:
                 continue
-            inner = name if node.level else name.removeprefix("sentiment_nb").lstrip(".")
-            if inner:  # from .config import ... / from sentiment_nb.config import ...
-                found.add(inner.split(".")[0])
-            else:  # from . import serve / from sentiment_nb import serve
-                found |= {a.name for a in node.names if a.name in MODULES}
+            if inner in PACKAGES or not inner:  # from . import serve / from sentiment_nb.serve import server
+                found |= {f"{inner}.{a.name}".lstrip(".") for a in node.names} & known or ({inner} - {""})
+            else:  # from .config import ... / from ..config import ... / from sentiment_nb.serve.app import ...
+                found.add(inner)
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("sentiment_nb.")}
+            found |= {a.name.removeprefix("sentiment_nb.") for a in node.names if a.name.startswith("sentiment_nb.")}
     return found
 
 
+def third_party(path: Path) -> set[str]:
+    "The top-level names of the packages outside this one that `path` imports anywhere."
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+    return found - {"sentiment_nb"}
+
+
+def closure(start: set[str]) -> set[str]:
+    "The modules that `start` imports, directly or through others."
+    seen, todo = set(), list(start)
+    while todo:
+        m = todo.pop()
+        if m not in seen and m in MODULES:
+            seen.add(m)
+            todo.extend(imported_modules(MODULES[m], m))
+    return seen
+
+
 def test_every_module_has_a_layer():
-    assert {p.stem for p in LIBRARY.glob("*.py") if not p.stem.startswith("_")} == set(ALLOWED)
+    assert set(MODULES) == set(ALLOWED)
+    assert SERVE <= set(MODULES), "the serving sub-package is listed module by module"
+
+
+def test_setuptools_installs_every_sub_package():
+    "`pip install .` (the Docker image) takes the packages `find_packages` finds: the sub-packages must be among them."
+    import setuptools
+
+    found = setuptools.find_packages(str(LIBRARY.parent), include=["sentiment_nb", "sentiment_nb.*"])
+    assert {f"sentiment_nb.{p}" for p in PACKAGES} <= set(found), found
+
+
+def test_the_sub_packages_inits_import_nothing():
+    for package in PACKAGES:
+        init = LIBRARY / package.replace(".", "/") / "__init__.py"
+        assert imported_modules(init, f"{package}.__init__") == set(), init
 
 
 @pytest.mark.parametrize("module", sorted(ALLOWED))
 def test_module_imports_only_the_layers_below_it(module):
-    assert imported_modules(LIBRARY / f"{module}.py") <= ALLOWED[module]
+    assert imported_modules(MODULES[module], module) <= ALLOWED[module]
+
+
+def test_the_layers_go_one_way():
+    "No cycle among the allowed arrows: a module never reaches itself."
+    for module in ALLOWED:
+        reach, todo = set(), list(ALLOWED[module])
+        while todo:
+            m = todo.pop()
+            if m not in reach:
+                reach.add(m)
+                todo.extend(ALLOWED[m])
+        assert module not in reach, module
+
+
+@pytest.mark.parametrize("module", sorted(SERVE))
+def test_serving_never_reaches_the_training_stack(module):
+    "Not even through another module, lazy imports included: a replica loads the model, not the training code."
+    reached = closure({module})
+    assert not reached & TRAINING_STACK, reached
+    for m in reached:
+        assert not third_party(MODULES[m]) & TRAINING_PACKAGES, (m, third_party(MODULES[m]) & TRAINING_PACKAGES)
+
+
+def test_importing_the_serving_modules_loads_no_training_package():
+    code = ("import sys\nimport sentiment_nb.serve.server, sentiment_nb.serve.app, sentiment_nb.predict\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(TRAINING_PACKAGES - LOADED_BY_RAY)!r} "
+            f"or m in {sorted('sentiment_nb.' + m for m in TRAINING_STACK)!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 
 
 def test_the_check_can_fail(tmp_path):
-    f = tmp_path / "m.py"
-    f.write_text("def f():\n    from sentiment_nb.train import fit\n    from .data import load_splits\n"
-                 "    from sentiment_nb import evaluate, __version__\n    from . import serve\n"
-                 "    import sentiment_nb.export as ex\n")
-    assert imported_modules(f) == {"train", "data", "evaluate", "serve", "export"}
+    root = tmp_path / "sentiment_nb"
+    (root / "serve").mkdir(parents=True)
+    f = root / "serve" / "m.py"
+    f.write_text("def f():\n    from sentiment_nb.train import fit\n    from ..data import load_splits\n"
+                 "    from sentiment_nb import evaluate, __version__\n    from . import api\n"
+                 "    from .app import build_app\n    from sentiment_nb.serve import server\n"
+                 "    import sentiment_nb.export as ex\n    import datasets\n")
+    assert imported_modules(f, "serve.m") == {"train", "data", "evaluate", "serve.api", "serve.app", "serve.server",
+                                              "export"}
+    assert third_party(f) == {"datasets"}
+    assert not {"train", "data"} <= ALLOWED["serve.app"]

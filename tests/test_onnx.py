@@ -160,7 +160,7 @@ def test_a_broken_model_file_is_named(exported, tmp_path, file, content, words):
 ])
 def test_a_broken_metrics_file_is_named(exported, tmp_path, capsys, smoke_params_file, content, words):
     from sentiment_nb.cli import main
-    from sentiment_nb.serve import build_app
+    from sentiment_nb.serve.app import build_app
 
     d = shutil.copytree(exported, tmp_path / "model")
     (d / "metrics.json").write_text(content)
@@ -233,24 +233,35 @@ def test_onnx_replica_never_imports_torch(exported):
 # --- serving settings -----------------------------------------------------------------------------------------------
 
 def test_serve_binds_the_resolved_backend_and_threads(smoke_params_file, exported):
-    from sentiment_nb.serve import build_app, ingress_grouping, resolve_settings
+    from sentiment_nb.serve.app import (
+        build_app,
+        forward_batch_size,
+        ingress_grouping,
+        replica_threads,
+        resolve_settings,
+    )
+
+    def replica(app) -> tuple:  # what the model replica loads: .bind(model_dir=, backend=, settings=)
+        kw = app._bound_deployment.init_kwargs["model"]._bound_deployment.init_kwargs
+        return kw["backend"], replica_threads(kw["settings"]), forward_batch_size(kw["settings"])
 
     app = build_app({"params": str(smoke_params_file), "model": str(exported), "backend": "auto",
                      "num_cpus": 0.5})
-    model = app._bound_deployment.init_args[0]._bound_deployment
-    assert model.init_args[3:] == ("onnx-int8", 1, 8)
+    assert replica(app) == ("onnx-int8", 1, 8)
     args = {"params": str(smoke_params_file), "model": str(exported), "backend": "onnx", "intra_op_threads": 2,
             "num_replicas": 2, "ingress_replicas": 1}
     app = build_app(dict(args))
-    assert app._bound_deployment.init_args[0]._bound_deployment.init_args[3:] == ("onnx", 2, 8)
+    assert replica(app) == ("onnx", 2, 8)
     sp = resolve_settings(dict(args)).serve  # one ingress feeds two model replicas: half a batch per call
     size = sp.max_batch_size // 2
-    assert app._bound_deployment.init_args[-3:] == (size, 2 * sp.max_ongoing_requests // size, sp.batch_wait_timeout_s)
+    bound = app._bound_deployment.init_kwargs["settings"]  # the ingress's: .bind(model=, settings=)
+    assert (*ingress_grouping(bound), bound.batch_wait_timeout_s) == (size, 2 * sp.max_ongoing_requests // size,
+                                                                      sp.batch_wait_timeout_s)
     assert ingress_grouping(sp) == (size, 2 * sp.max_ongoing_requests // size)
 
 
 def test_serve_refuses_a_missing_onnx_backend_before_ray_starts(smoke_params_file, tiny_model_dir):
-    from sentiment_nb.serve import build_app
+    from sentiment_nb.serve.app import build_app
 
     with pytest.raises(ModelDirError, match="has no ONNX export"):
         build_app({"params": str(smoke_params_file), "model": str(tiny_model_dir), "backend": "onnx-int8"})
@@ -259,7 +270,7 @@ def test_serve_refuses_a_missing_onnx_backend_before_ray_starts(smoke_params_fil
 def test_serve_refuses_an_onnx_backend_on_a_gpu_before_ray_starts(smoke_params_file, exported, capsys):
     from sentiment_nb.cli import main
     from sentiment_nb.config import ParamsError
-    from sentiment_nb.serve import build_app
+    from sentiment_nb.serve.app import build_app
 
     with pytest.raises(ParamsError, match="serve.backend 'onnx' runs on the CPU, but serve.num_gpus is 1: set "
                                           "serve.num_gpus: 0, or serve.backend: torch"):

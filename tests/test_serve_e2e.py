@@ -18,7 +18,8 @@ import pytest
 import yaml
 from helpers import FIXTURE_DATA, export_with_onnx, fixture_texts, free_port, smoke_params, write_params
 
-from sentiment_nb.serve import APP_NAME, wait_healthy
+from sentiment_nb.serve.app import APP_NAME
+from sentiment_nb.serve.server import wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +105,7 @@ def server(tiny_model_dir, tmp_path_factory):
     import ray
 
     from sentiment_nb.config import load_params
-    from sentiment_nb.serve import start_server, stop_server
+    from sentiment_nb.serve.server import start_server, stop_server
 
     if ray.is_initialized():  # another module's Ray: this server needs its own session
         ray.shutdown()
@@ -294,7 +295,8 @@ def test_requests_that_wait_together_share_one_call_to_the_model(server):
 
 def wait_records(match, n: int = 1, timeout_s: float = 30) -> list[dict]:
     "The request records that `match`, once there are `n` of them (the logs are written as requests end)."
-    from sentiment_nb.serve import log_dir, request_records
+    from sentiment_nb.serve.api import request_records
+    from sentiment_nb.serve.server import log_dir
 
     deadline, recs = time.monotonic() + timeout_s, []
     while time.monotonic() < deadline:
@@ -306,7 +308,7 @@ def wait_records(match, n: int = 1, timeout_s: float = 30) -> list[dict]:
 
 
 def test_requests_are_logged_as_records_without_their_text(server):
-    from sentiment_nb.serve import log_dir
+    from sentiment_nb.serve.server import log_dir
 
     secret = "a never-seen sentence about a marvellous heist ."
     assert post(server, {"texts": [secret, TEXTS[1]]}).status_code == 200
@@ -328,7 +330,7 @@ def onnx_app(server, tiny_model_dir, tmp_path_factory):
 
     from sentiment_nb.config import load_params
     from sentiment_nb.onnx_export import write_onnx
-    from sentiment_nb.serve import build_app, wait_healthy
+    from sentiment_nb.serve.app import build_app
 
     root = tmp_path_factory.mktemp("onnx_project")
     write_onnx(tiny_model_dir, root / "onnx", fixture_texts(), batch_size=8)
@@ -375,7 +377,7 @@ def test_onnx_replica_never_loads_torch_while_the_torch_one_does(onnx_app):
 
 
 def test_custom_metrics_reach_prometheus(server):
-    from sentiment_nb.serve import metrics_url
+    from sentiment_nb.serve.server import metrics_url
 
     assert post(server, {"texts": TEXTS}).status_code == 200
     assert post(server, {"text": " "}).status_code == 422
@@ -467,7 +469,7 @@ def overloaded_page():
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from sentiment_nb.serve import INDEX_HTML
+    from sentiment_nb.serve.api import INDEX_HTML
 
     class Handler(BaseHTTPRequestHandler):
         posted = []
@@ -525,11 +527,12 @@ def test_the_serve_command_prints_its_url_and_stops_cleanly_on_sigterm(tiny_mode
     port = free_port()
     cli = Path(sys.executable).parent / "sentiment-nb"
     params = write_params(tmp_path / "params.yaml", {"serve": {"num_cpus": 0.25, "haproxy": haproxy}})
-    # A $TMPDIR as long as this test's pushed HAProxy's socket paths past its limit, and it crashed at start-up.
+    # A $TMPDIR as long as this test's pushed HAProxy's socket paths past its limit, and it crashed at start-up; and
+    # with no $RAY_TMPDIR, Ray's own sockets under it overflowed AF_UNIX's 107 bytes, so Ray could not start either.
     # (Ray's dashboard cannot take one that long: its forkserver's socket path overflows, hence one or the other.)
     run_dir = tmp_path / "tmp"
     run_dir.mkdir()
-    env = {**os.environ, "TMPDIR": str(run_dir)} if haproxy else None
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_TMPDIR"}, "TMPDIR": str(run_dir)} if haproxy else None
     proc = subprocess.Popen([str(cli), "serve", "--model", str(tiny_model_dir), "--port", str(port),
                              "--params", str(params), *([] if haproxy else ["--dashboard"])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -698,7 +701,7 @@ def test_a_sigterm_to_the_whole_process_group_leaves_no_haproxy_behind(tiny_mode
     import subprocess
     import sys
 
-    from sentiment_nb.serve import haproxy_pids
+    from sentiment_nb.serve.server import haproxy_pids
 
     port = free_port()
     cli = Path(sys.executable).parent / "sentiment-nb"

@@ -1,5 +1,6 @@
 """The serving logic that needs no Ray: request checks, batch bookkeeping, response shaping, options, config."""
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -7,23 +8,24 @@ import yaml
 from pydantic import ValidationError
 
 from sentiment_nb.config import ServeParams, load_params
-from sentiment_nb.serve import (
+from sentiment_nb.serve.api import (
     INDEX_HTML,
-    CapacityError,
     PredictRequest,
     RequestError,
-    build_app,
-    check_capacity,
-    deployment_options,
-    merge_batch,
     request_log,
     request_texts,
-    resolve_settings,
-    serve_config,
     shape_response,
-    split_batch,
     validation_error,
 )
+from sentiment_nb.serve.app import (
+    build_app,
+    deployment_options,
+    merge_batch,
+    resolve_settings,
+    serve_config,
+    split_batch,
+)
+from sentiment_nb.serve.server import CapacityError, check_capacity
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,7 +165,7 @@ def test_committed_serve_config_matches_params():
     committed = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     assert committed == serve_config(load_params(REPO / "params.yaml"))
     app = committed["applications"][0]
-    assert app["import_path"] == "sentiment_nb.serve:build_app" and (REPO / app["args"]["params"]).is_file()
+    assert app["import_path"] == "sentiment_nb.serve.app:build_app" and (REPO / app["args"]["params"]).is_file()
     assert "deployments" not in app  # the options live in params.yaml only
 
 
@@ -174,7 +176,7 @@ def test_builder_args_override_serve_settings(smoke_params_file):
 
 def test_builder_refuses_unknown_keys_and_missing_models(smoke_params_file, tmp_path):
     from sentiment_nb.config import ParamsError
-    from sentiment_nb.predict import ModelDirError
+    from sentiment_nb.model_dir import ModelDirError
 
     with pytest.raises(ParamsError, match="serve.replicas"):
         resolve_settings({"params": str(smoke_params_file), "replicas": 2})
@@ -186,9 +188,9 @@ def test_builder_binds_the_two_deployments(smoke_params_file, tiny_model_dir):
     app = build_app({"params": str(smoke_params_file), "model": str(tiny_model_dir), "num_replicas": 2})
     ingress = app._bound_deployment
     assert ingress.name == "SentimentAPI" and ingress.num_replicas == 2
-    model = ingress.init_args[0]._bound_deployment
+    model = ingress.init_kwargs["model"]._bound_deployment  # bound by keyword: .bind(model=..., settings=...)
     assert model.name == "SentimentModel" and model.ray_actor_options["num_cpus"] == 0.5
-    assert ingress.init_args[0]._bound_deployment.init_args[0] == str(tiny_model_dir)
+    assert ingress.init_kwargs["model"]._bound_deployment.init_kwargs["model_dir"] == str(tiny_model_dir)
 
 
 # --- the model replica, without Ray ---------------------------------------------------------------------------------
@@ -198,7 +200,8 @@ import asyncio, json, sys, threading
 import torch
 from ray.serve import batching
 import sentiment_nb.predict as predict_mod
-from sentiment_nb.serve import SentimentModel
+from sentiment_nb.config import ServeParams
+from sentiment_nb.serve.app import SentimentModel
 
 seen, real_load = [], predict_mod.load_predictor
 
@@ -215,7 +218,8 @@ def load(*args, **kwargs):
 predict_mod.load_predictor = load
 # outside a replica, Serve's batch queue has no replica context to read max_ongoing_requests from, for a warning
 batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None
-replica = SentimentModel.func_or_class(sys.argv[1], max_batch_size=4, backend="torch", threads=2)
+replica = SentimentModel.func_or_class(sys.argv[1], backend="torch",
+                                       settings=ServeParams(max_batch_size=4, intra_op_threads=2))
 
 async def requests():
     return await asyncio.gather(replica.predict(["a fine film"]), replica.predict(["dull", "very dull"]),
@@ -228,21 +232,54 @@ print(json.dumps({"seen": seen, "forward": replica.forward_thread.submit(threadi
 """
 
 
-def run_script(script: str, *args: str) -> dict:
-    "Run `script` in a Python process of its own; the JSON it prints last."
+def script_results(scripts: dict[str, tuple[str, ...]], folder: Path) -> dict[str, dict]:
+    "Run each script (with its arguments) in a Python process of its own, all at once; the JSON each prints last."
     # Its own process: Serve's batch queue lives on the class, and once used, the class no longer pickles for Ray.
+    # All at once: each spends most of its time importing torch and Ray, which two cores overlap well.
     import json
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    procs = {}
+    for name, (script, *args) in scripts.items():
+        with open(folder / f"{name}.out", "w") as out, open(folder / f"{name}.err", "w") as err:
+            procs[name] = subprocess.Popen([sys.executable, "-c", script, *args], stdout=out, stderr=err, text=True)
+    try:
+        for p in procs.values():
+            p.wait(timeout=300)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    results = {}
+    for name, p in procs.items():
+        out, err = (folder / f"{name}.out").read_text(), (folder / f"{name}.err").read_text()
+        results[name] = json.loads(out.strip().splitlines()[-1]) if p.returncode == 0 and out.strip() else \
+            {"failed": p.returncode, "stderr": err[-3000:]}
+    return results
 
 
-def test_a_replica_loads_and_runs_every_forward_pass_on_one_thread_of_its_own(tiny_model_dir):
+@pytest.fixture(scope="module")
+def replica_runs(tiny_model_dir, tmp_path_factory) -> dict[str, dict]:
+    "What the replica scripts below printed, run side by side on the tiny model."
+    model = str(tiny_model_dir)
+    return script_results({"threads": (REPLICA_THREADS_SCRIPT, model), "isolation": (ISOLATION_SCRIPT, model),
+                           "busy": (BUSY_HEALTH_SCRIPT, model), "unavailable": (UNAVAILABLE_SCRIPT,)},
+                          tmp_path_factory.mktemp("replica_scripts"))
+
+
+def run_script(runs: dict[str, dict], name: str) -> dict:
+    "The JSON that script `name` printed last; a failure with its stderr if it exited non-zero."
+    got = runs[name]
+    assert "failed" not in got, got
+    return got
+
+
+@pytest.mark.slow  # a Python process of its own that imports torch and Ray: seconds each
+def test_a_replica_loads_and_runs_every_forward_pass_on_one_thread_of_its_own(replica_runs):
     # OpenMP keeps a worker pool per thread that starts parallel work: passes spread over a thread pool each bring one.
-    got = run_script(REPLICA_THREADS_SCRIPT, str(tiny_model_dir))
+    got = run_script(replica_runs, "threads")
     assert got["sizes"] == [1, 2] and got["probe"] in ("negative", "positive")
     kinds = [k for k, _, _ in got["seen"]]
     assert kinds[0] == "load" and kinds.count("predict") >= 2  # the start-up probe, then one batch or more
@@ -269,18 +306,19 @@ def ingress_with(answer):
     "The ingress class as written (under Serve's ASGI wrapper), its model calls answered by `answer`."
     ingress_class = SentimentAPI.func_or_class.__mro__[1]
     api = ingress_class.__new__(ingress_class)
-    ingress_class.__init__(api, Handle(answer), group_size=8, max_groups=1)
+    ingress_class.__init__(api, Handle(answer), ServeParams(max_batch_size=8, max_ongoing_requests=8))  # groups of 8, one at a time
     return api
 """
 
 ISOLATION_SCRIPT = """
 import asyncio, json, sys
 from ray.serve import batching
-from sentiment_nb.serve import SentimentAPI, SentimentModel
+from sentiment_nb.config import ServeParams
+from sentiment_nb.serve.app import SentimentAPI, SentimentModel
 
 batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None
 BAD = "bad \\ud800"  # half a surrogate pair: the tokenizer raises TypeError on it
-replica = SentimentModel.func_or_class(sys.argv[1], max_batch_size=8, backend="torch")
+replica = SentimentModel.func_or_class(sys.argv[1], backend="torch", settings=ServeParams(max_batch_size=8))
 forwards, real_forward = [], replica.forward
 
 async def forward(texts):
@@ -308,11 +346,12 @@ print(json.dumps(asyncio.run(main())))
 """
 
 
-def test_a_request_the_model_fails_on_fails_alone(tiny_model_dir):
+@pytest.mark.slow  # a Python process of its own that imports torch and Ray: seconds each
+def test_a_request_the_model_fails_on_fails_alone(replica_runs):
     # The model replica batches the two calls into one forward pass, which fails, and reruns each alone; the
     # ingress groups two requests into one model call, which fails, and resends each alone. Only the request at
     # fault gets the error, at both levels.
-    got = run_script(ISOLATION_SCRIPT, str(tiny_model_dir))
+    got = run_script(replica_runs, "isolation")
     labels = {"negative", "positive"}
     assert got["model"][0] == "TypeError" and {got["model"][1], got["model"][2]} <= labels
     # the probe's own pass (it skips the batch queue); one merged pass of two texts failed; then each alone
@@ -324,10 +363,11 @@ def test_a_request_the_model_fails_on_fails_alone(tiny_model_dir):
 BUSY_HEALTH_SCRIPT = """
 import asyncio, json, sys
 from ray.serve import batching
-from sentiment_nb.serve import SentimentModel
+from sentiment_nb.config import ServeParams
+from sentiment_nb.serve.app import SentimentModel
 
 batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None
-replica = SentimentModel.func_or_class(sys.argv[1], max_batch_size=4, backend="torch")
+replica = SentimentModel.func_or_class(sys.argv[1], backend="torch", settings=ServeParams(max_batch_size=4))
 
 async def queue_never_drains(texts):  # a batch queue full of work that will not be done within the probe's time
     await asyncio.sleep(3600)
@@ -344,8 +384,9 @@ print(json.dumps(asyncio.run(main())))
 """
 
 
-def test_health_answers_past_a_full_batch_queue(tiny_model_dir):
-    got = run_script(BUSY_HEALTH_SCRIPT, str(tiny_model_dir))
+@pytest.mark.slow  # a Python process of its own that imports torch and Ray: seconds each
+def test_health_answers_past_a_full_batch_queue(replica_runs):
+    got = run_script(replica_runs, "busy")
     assert got["probe"] in got["labels"] == ["negative", "positive"] and got["backend"] == "torch"
 
 
@@ -354,7 +395,9 @@ import asyncio, json
 from ray.serve import batching
 from ray.serve._private.common import DeploymentID
 from ray.serve.exceptions import DeploymentUnavailableError
-from sentiment_nb.serve import PredictRequest, SentimentAPI
+from sentiment_nb.config import ServeParams
+from sentiment_nb.serve.api import PredictRequest
+from sentiment_nb.serve.app import SentimentAPI
 
 batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None  # needs a replica
 
@@ -376,25 +419,25 @@ print(json.dumps(asyncio.run(main())))
 """
 
 
-def test_a_model_deployment_without_replicas_gives_every_request_a_503_not_a_500():
+@pytest.mark.slow  # a Python process of its own that imports torch and Ray: seconds each
+def test_a_model_deployment_without_replicas_gives_every_request_a_503_not_a_500(replica_runs):
     # Ray Serve's own handler turns a DeploymentUnavailableError raised by the app into a 503; a JSON 500 would
     # blame the request. A group is not resent one by one: no replica could take any of them.
-    got = run_script(UNAVAILABLE_SCRIPT)
+    got = run_script(replica_runs, "unavailable")
     assert got == {"answers": ["DeploymentUnavailableError"] * 3, "calls": [1, 3]}
 
 
-def test_haproxy_env_gives_each_server_its_own_files_and_a_free_port_for_a_taken_default(tmp_path, monkeypatch):
+def test_haproxy_env_gives_each_server_its_own_files_and_a_free_port_for_a_taken_default(tmp_path):
     import socket
 
-    import sentiment_nb.serve as serve_mod
+    import sentiment_nb.serve.server as server_mod
 
     with socket.socket() as holder:  # a port held by "another server"
         holder.bind(("0.0.0.0", 0))
         held = holder.getsockname()[1]
-        free = serve_mod.free_port()
-        monkeypatch.setitem(serve_mod.HAPROXY_DEFAULT_PORTS, "RAY_SERVE_HAPROXY_STATS_PORT", held)
-        monkeypatch.setitem(serve_mod.HAPROXY_DEFAULT_PORTS, "RAY_SERVE_HAPROXY_METRICS_PORT", free)
-        env = serve_mod.haproxy_env(tmp_path / "one")
+        free = server_mod.free_port()
+        env = server_mod.haproxy_env(tmp_path / "one", {"RAY_SERVE_HAPROXY_STATS_PORT": held,
+                                                         "RAY_SERVE_HAPROXY_METRICS_PORT": free})
     stats, metrics = int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])
     assert stats != held and metrics == free  # a free default is kept
     assert {k: v for k, v in env.items() if not k.endswith("_PORT")} == {
@@ -403,69 +446,206 @@ def test_haproxy_env_gives_each_server_its_own_files_and_a_free_port_for_a_taken
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(tmp_path / "one"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(tmp_path / "one" / "server-state"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(tmp_path / "one" / "metrics.sock")}
+    assert set(server_mod.haproxy_env(tmp_path / "two")) == set(env)  # Ray's defaults, when none are given
 
 
-def test_stop_server_removes_its_haproxy_folder(tmp_path, monkeypatch):
-    import sentiment_nb.serve as serve_mod
+def test_stop_server_removes_its_haproxy_folder(tmp_path):
+    from sentiment_nb.serve.server import ServeLauncher
 
     folder = tmp_path / "haproxy-serve-x"
     folder.mkdir()
     (folder / "haproxy.cfg").write_text("global\n")
-    monkeypatch.setattr(serve_mod, "_haproxy_dir", str(folder))
-    serve_mod.stop_server()
-    assert not folder.exists() and serve_mod._haproxy_dir is None
+    launcher = ServeLauncher()
+    launcher.haproxy_dir = str(folder)
+    launcher.stop()
+    assert not folder.exists() and launcher.haproxy_dir is None
 
 
-def started_env(serve_mod, monkeypatch, tmp_path, haproxy: bool) -> str | None:
-    "The HAProxy flag that `start_server` sets for `serve.haproxy: haproxy`, as Ray would start; `stop_server` after."
+def started_env(server_mod, launcher, monkeypatch, tmp_path, haproxy: bool) -> str | None:
+    "The HAProxy flag that `launcher.start` sets for `serve.haproxy: haproxy`, as Ray would start; `stop` after."
     from sentiment_nb.config import Params, Settings
 
     seen = []
 
     def before_ray(settings):
-        seen.append(os.environ.get(serve_mod.HAPROXY_FLAG))
+        seen.append(os.environ.get(server_mod.HAPROXY_FLAG))
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(serve_mod, "build_app", before_ray)
-    settings = Settings(Params.model_validate({"serve": {"haproxy": haproxy, "port": serve_mod.free_port()}}),
+    monkeypatch.setattr(server_mod, "build_app", before_ray)
+    settings = Settings(Params.model_validate({"serve": {"haproxy": haproxy, "port": server_mod.free_port()}}),
                         root=tmp_path)
     with pytest.raises(RuntimeError, match="stop here"):
-        serve_mod.start_server(settings)
-    serve_mod.stop_server()  # removes the HAProxy folder, if any, and the variables it set
+        launcher.start(settings)
+    launcher.stop()  # removes the HAProxy folder, if any, and puts back the variables it set
     return seen[0]
 
 
 def test_each_server_in_a_process_gets_the_front_its_settings_ask_for(tmp_path, monkeypatch):
-    import sentiment_nb.serve as serve_mod
+    import sentiment_nb.serve.server as server_mod
 
-    monkeypatch.delenv(serve_mod.HAPROXY_FLAG, raising=False)
-    monkeypatch.setattr(serve_mod, "_haproxy_env", {})
-    for name in serve_mod.haproxy_env(tmp_path / "x"):
+    monkeypatch.delenv(server_mod.HAPROXY_FLAG, raising=False)
+    for name in [*server_mod.haproxy_env(tmp_path / "x"), *server_mod.RAY_DEFAULTS]:
         monkeypatch.delenv(name, raising=False)
-    assert started_env(serve_mod, monkeypatch, tmp_path, haproxy=True) == "1"
-    assert serve_mod.HAPROXY_FLAG not in os.environ  # stopped: not passed on to the next server, nor to children
-    assert started_env(serve_mod, monkeypatch, tmp_path, haproxy=False) is None  # Ray's default: off
-    assert started_env(serve_mod, monkeypatch, tmp_path, haproxy=True) == "1"
-    monkeypatch.setenv(serve_mod.HAPROXY_FLAG, "1")  # set by the user: it wins, as documented, and stays
-    assert started_env(serve_mod, monkeypatch, tmp_path, haproxy=False) == "1"
-    assert os.environ[serve_mod.HAPROXY_FLAG] == "1"
+    launcher = server_mod.ServeLauncher()
+    assert started_env(server_mod, launcher, monkeypatch, tmp_path, haproxy=True) == "1"
+    assert server_mod.HAPROXY_FLAG not in os.environ  # stopped: not passed on to the next server, nor to children
+    assert not {*server_mod.haproxy_env(tmp_path / "x"), *server_mod.RAY_DEFAULTS} & set(os.environ)  # all put back
+    assert started_env(server_mod, launcher, monkeypatch, tmp_path, haproxy=False) is None  # Ray's default: off
+    assert started_env(server_mod, launcher, monkeypatch, tmp_path, haproxy=True) == "1"
+    monkeypatch.setenv(server_mod.HAPROXY_FLAG, "1")  # set by the user: it wins, as documented, and stays
+    assert started_env(server_mod, launcher, monkeypatch, tmp_path, haproxy=False) == "1"
+    assert os.environ[server_mod.HAPROXY_FLAG] == "1"
 
 
 def test_stop_server_removes_the_haproxy_folder_even_when_ray_fails_to_stop(tmp_path, monkeypatch):
     import ray
 
-    import sentiment_nb.serve as serve_mod
+    import sentiment_nb.serve.server as server_mod
 
     folder = tmp_path / "haproxy-serve-y"
     folder.mkdir()
-    monkeypatch.setattr(serve_mod, "_haproxy_dir", str(folder))
+    launcher = server_mod.ServeLauncher()
+    launcher.haproxy_dir = str(folder)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
 
     def failing_shutdown():
         raise RuntimeError("controller gone")
 
-    monkeypatch.setattr(serve_mod.serve, "shutdown", failing_shutdown)
+    monkeypatch.setattr(server_mod.serve, "shutdown", failing_shutdown)
     with pytest.raises(RuntimeError, match="controller gone"):
-        serve_mod.stop_server()
-    assert not folder.exists() and serve_mod._haproxy_dir is None
+        launcher.stop()
+    assert not folder.exists() and launcher.haproxy_dir is None
+
+
+def test_start_server_and_stop_server_are_the_process_launchers():
+    from sentiment_nb.serve import server
+
+    assert server.start_server == server.PROCESS_LAUNCHER.start and server.stop_server == server.PROCESS_LAUNCHER.stop
+
+
+def test_every_start_failure_is_a_serve_start_error_and_none_is_a_capacity_error():
+    from sentiment_nb.serve import server
+
+    for error in (server.PortInUseError, server.CapacityError, server.HAProxyStartError, server.RayTempDirError,
+                  server.DeployError):
+        assert issubclass(error, server.ServeStartError)
+    assert not issubclass(server.PortInUseError, server.CapacityError)
+    assert not issubclass(server.HAProxyStartError, server.CapacityError)
+    with pytest.raises(server.PortInUseError, match="Stop what uses the port"):
+        import socket
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            server.check_port_free("127.0.0.1", taken.getsockname()[1])
+
+
+# --- the OpenAPI schema agrees with the server -----------------------------------------------------------------------
+
+BODIES = [{"text": "a"}, {"texts": ["a", "b"]}, {"text": "a", "texts": ["b"]}, {}, {"text": "a", "texts": None},
+          {"text": None, "texts": ["b"]}, {"text": None, "texts": None}, {"texts": []}, {"txt": "a"}, {"text": 3}]
+
+
+@pytest.mark.parametrize("body", BODIES, ids=[str(b) for b in BODIES])
+def test_the_openapi_schema_of_predict_accepts_exactly_what_the_model_does(body):
+    "A body the schema allows is one the server parses, and back: both `text` and `texts` fails both (`oneOf`)."
+    import jsonschema
+
+    from sentiment_nb.serve.app import app
+
+    spec = app.openapi()
+    ref = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    schema = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    by_schema = jsonschema.Draft202012Validator(schema).is_valid(body)
+    try:
+        PredictRequest.model_validate(body)
+        by_model = True
+    except ValidationError:
+        by_model = False
+    assert by_schema == by_model, (body, schema)
+
+
+def test_the_openapi_schema_says_one_of_text_or_texts():
+    from sentiment_nb.serve.app import app
+
+    schema = app.openapi()["components"]["schemas"]["PredictRequest"]
+    assert [branch["required"] for branch in schema["oneOf"]] == [["text"], ["texts"]]
+
+
+# --- Ray's folders on a short path ----------------------------------------------------------------------------------
+
+LONG_TMPDIR = "/tmp/" + "t" * 15  # 11 characters longer than /tmp, as in the issue: the tests' own folders overflow
+MACOS_TMPDIR = "/var/folders/7x/" + "k" * 30 + "/T"  # 48 characters, as macOS's: Ray's default folder overflows
+
+
+@pytest.mark.parametrize("variable", ["RAY_TMPDIR", "TMPDIR"])
+def test_start_server_gives_ray_a_short_temp_folder_under_a_long_tmpdir(variable, monkeypatch):
+    import ray
+
+    from sentiment_nb.serve import server
+
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.setenv(variable, MACOS_TMPDIR)
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    server.start_ray(ServeParams())
+    temp = seen["_temp_dir"]
+    assert temp == f"/tmp/ray-{os.getuid()}" and Path(temp).is_dir()
+    session_socket = f"{temp}/session_2026-12-07_19-03-26_123456_4194304/sockets/plasma_store"
+    assert len(session_socket) <= 107
+    monkeypatch.setenv(variable, "/tmp")  # Ray's default fits: left alone
+    server.start_ray(ServeParams())
+    assert seen["_temp_dir"] is None
+
+
+def test_no_short_temp_folder_is_one_line_that_says_what_to_do(monkeypatch, tmp_path):
+    from sentiment_nb.serve import server
+
+    someone_else = os.getuid() + 4242
+    folder = Path(f"/tmp/ray-{someone_else}")
+    existed = folder.exists()
+    monkeypatch.setattr(os, "getuid", lambda: someone_else)  # /tmp/ray-<uid> exists, and is not this user's
+    try:
+        folder.mkdir(exist_ok=True)
+        with pytest.raises(server.RayTempDirError) as e:
+            server.short_ray_dir()
+    finally:
+        if not existed:
+            folder.rmdir()
+    message = str(e.value)
+    assert "\n" not in message and "at most 107 bytes" in message and "set RAY_TMPDIR to a short folder" in message
+
+
+PROBE_TEST = """
+import os
+
+def test_ray_tmpdir():
+    print("RAY_TMPDIR=" + os.environ["RAY_TMPDIR"])
+"""
+
+
+@pytest.mark.slow  # a Python process of its own that imports torch and Ray: seconds each
+def test_the_test_setup_keeps_rays_folders_short_under_a_long_tmpdir(tmp_path):
+    "The suite's own set-up (tests/testenv.py) under a $TMPDIR 11 characters longer than /tmp: Ray's sockets fit."
+    import subprocess
+    import sys
+
+    long_tmp = Path(LONG_TMPDIR)
+    made = not long_tmp.exists()
+    long_tmp.mkdir(exist_ok=True)
+    (tmp_path / "test_probe.py").write_text(PROBE_TEST)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_TMPDIR"}
+    env.update(TMPDIR=str(long_tmp), PYTHONPATH=str(REPO / "tests"))
+    try:
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "testenv", "-p", "no:cacheprovider",
+                              "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_probe.py")],
+                             capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    finally:
+        if made:
+            shutil.rmtree(long_tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ray_tmpdir = next(line.split("=", 1)[1] for line in out.stdout.splitlines() if line.startswith("RAY_TMPDIR="))
+    # Ray adds `ray/session_<date>_<time>_<pid>/sockets/plasma_store` to $RAY_TMPDIR
+    assert len(f"{ray_tmpdir}/ray/session_2026-12-07_19-03-26_123456_4194304/sockets/plasma_store") <= 107, ray_tmpdir
