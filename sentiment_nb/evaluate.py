@@ -86,8 +86,8 @@ def check_labels(model_labels, data_labels) -> None:
                          "Train with `id2label`/`label2id` set from the data's label names.")
 
 
-def evaluate_model(predictor: Predictor, texts, labels, label_names, bins: int = 10, k: int = 10) -> dict:
-    "Score `predictor` on `texts`: the metrics, the three plot tables, the worst examples and the probabilities."
+def evaluate_model(predictor: Predictor, texts, labels, label_names, *, bins: int, k: int) -> dict:
+    "Score `predictor` on `texts`: metrics with `bins` calibration bins, the plot tables, the `k` worst examples, the probabilities."
     check_labels(predictor.labels, label_names)
     labels = np.asarray(labels)
     probs = predictor.predict_proba(list(texts))
