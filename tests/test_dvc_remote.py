@@ -2,22 +2,18 @@
 `git clone`, `dvc pull`; then, with no training, the clone is up to date and answers predictions, and a
 forced rerun on the clone gives the same metrics (CPU runs are deterministic)."""
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import nbformat
 import pytest
-from helpers import FIXTURE_DATA, copy_repo, git, run, smoke_params, write_params
+from conftest import dvc
+from helpers import git, run
 
 pytestmark = pytest.mark.slow
 
 SENTENCES = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés ."]
-
-
-def dvc(root, *args):
-    return run([sys.executable, "-m", "dvc", *args], cwd=root)
 
 
 def predict(root):
@@ -30,20 +26,18 @@ def metrics(root):
     return json.loads((root / "eval" / "metrics.json").read_text()), live["best_validation"]
 
 
-def test_push_clone_pull_then_serve_and_reproduce(tmp_path, tiny_model_dir):
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # papermill, dvc
-    first = copy_repo(tmp_path / "first")
-    write_params(first / "params.yaml", smoke_params(FIXTURE_DATA, tiny_model_dir))
-    dvc(first, "repro")
-    git(first, "add", "-A")
-    git(first, "commit", "-qm", "smoke run")  # dvc.lock, metrics and plots go through git; the rest through DVC
+def test_push_clone_pull_then_serve_and_reproduce(tmp_path, smoke_project):
+    first, _ = smoke_project  # after `dvc repro`, its run committed: dvc.lock, metrics and plots go through git
+    git(first, "checkout", "--", ".")  # back to that run, whatever an earlier test applied (an experiment, say)
+    dvc(first, "checkout", "--force")
+    assert dvc(first, "status").stdout.strip() == "Data and pipelines are up to date."
 
     start = time.perf_counter()
     dvc(first, "push")
-    remote = tmp_path / "sentiment_nb-dvc-remote"  # the default remote: next to the project folder
+    remote = first.parent / "sentiment_nb-dvc-remote"  # the default remote: next to the project folder
     assert remote.is_dir() and any(remote.rglob("*"))
-    git(tmp_path, "clone", "-q", str(first), "clone")
-    clone = tmp_path / "clone"
+    clone = first.parent / f"clone-of-{first.name}"  # next to the project: the remote's relative path holds for both
+    git(first.parent, "clone", "-q", str(first), clone.name)
     assert not (clone / "model").exists()
     dvc(clone, "pull")
     print(f"push + clone + pull: {time.perf_counter() - start:.1f} s")

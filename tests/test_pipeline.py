@@ -1,13 +1,12 @@
 """End to end: `dvc repro` in a copy of the repo, on the smoke params (tiny model, fixture data)."""
 import json
-import os
-import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 import yaml
-from helpers import FIXTURE_DATA, copy_repo, git, run, smoke_params, write_params
+from conftest import dvc
+from helpers import git, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -15,18 +14,9 @@ STAGES = ["prepare", "train", "onnx", "evaluate", "export"]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_model_dir):
-    "A copy of the repo whose params.yaml is the smoke configuration, after one `dvc repro`."
-    root = copy_repo(tmp_path_factory.mktemp("project"))
-    write_params(root / "params.yaml", smoke_params(FIXTURE_DATA, tiny_model_dir))
-    git(root, "commit", "-qam", "smoke params")
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # papermill, dvc
-    first = dvc(root, "repro")
-    return root, first
-
-
-def dvc(root, *args, check=True):
-    return run([sys.executable, "-m", "dvc", *args], cwd=root, check=check)
+def project(smoke_project):
+    "The smoke project after its one `dvc repro` (shared with test_dvc_remote)."
+    return smoke_project
 
 
 def ran(output: str) -> list[str]:
@@ -39,6 +29,8 @@ def executed_report(path: Path) -> nbformat.NotebookNode:
     code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
     assert all(c.execution_count for c in code), f"{path.name} has unexecuted cells"
     assert any(c.outputs for c in code), f"{path.name} has no outputs"
+    # ipywidgets is installed with the package: progress bars are widgets in JupyterLab, not tqdm's warning
+    assert "IProgress not found" not in json.dumps([c.get("outputs", []) for c in code]), path.name
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert injected and "params_file = \"params.yaml\"" in injected[0].source
     return nb
@@ -169,9 +161,10 @@ def test_params_changes_rerun_only_the_stages_that_read_them(project):
         assert sorted(json.loads(dvc(root, "status", "--json").stdout)) == ["export", "train"]  # the card states train.*
         rerun = dvc(root, "repro")
         assert ran(rerun.stdout) == ["train", "onnx", "evaluate", "export"]
-    finally:
-        git(root, "checkout", "params.yaml")
-        dvc(root, "repro")
+    finally:  # back to the committed run: its files from git, its outputs from DVC's cache (no second rerun)
+        git(root, "checkout", "--", ".")
+        dvc(root, "checkout", "--force")
+    assert dvc(root, "status").stdout.strip() == "Data and pipelines are up to date."
 
 
 def test_metrics_and_plots_show(project, tmp_path):
@@ -191,9 +184,9 @@ def test_metrics_and_plots_show(project, tmp_path):
 
 
 def test_metrics_are_in_git_so_a_fresh_clone_shows_them(project, tmp_path):
-    root, _ = project
-    git(root, "add", "-A")
-    git(root, "commit", "-qm", "a run")
+    root, _ = project  # its run was committed with `git add -A`: nothing of it is ignored that should not be
+    tracked = git(root, "ls-files").split()
+    assert {"dvc.lock", "eval/metrics.json", "dvclive/train/metrics.json", "artifacts/onnx/check.json"} <= set(tracked)
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", str(root), str(clone))
     shown = dvc(clone, "metrics", "show", "--json")
