@@ -147,7 +147,7 @@ def _install_signal_handlers(handler=_interrupt) -> dict:
 
 def cmd_serve(args) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # before Ray is imported; see `start_server`
-    from sentiment_nb.config import ParamsError
+    from sentiment_nb.config import ParamsError, RayTempDirError
     from sentiment_nb.predict import ModelDirError
 
     try:
@@ -177,7 +177,7 @@ def cmd_serve(args) -> int:
         print(f"sentiment-nb: error: Ray's {' and '.join(dead)} stopped, so the server is gone; "
               f"see the logs in {log_dir().parent}.", file=sys.stderr, flush=True)
         return EXIT_SERVER_GONE
-    except (ModelDirError, ParamsError, ServeStartError) as e:  # a taken port, no room, HAProxy, a deployment
+    except (ModelDirError, ParamsError, RayTempDirError, ServeStartError) as e:  # a taken port, no room, HAProxy, a deployment
         return _fail(e)
     except KeyboardInterrupt as e:
         print(f"Stopping ({e or 'SIGINT'})...", file=sys.stderr, flush=True)

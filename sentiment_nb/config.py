@@ -16,9 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # %% auto #0
 __all__ = ['LRScheduler', 'Backend', 'BACKENDS', 'BACKEND_CHOICES', 'MAX_ACCURACY_DROP', 'MOVED_KEYS', 'PARAMS_ENV',
-           'RECORDED_PACKAGES', 'DataParams', 'ModelParams', 'TrainParams', 'RayParams', 'EvaluateParams',
-           'ServeParams', 'PathsParams', 'Params', 'ParamsError', 'find_params_file', 'parse_override', 'Settings',
-           'load_params', 'seed_everything', 'pick_device', 'git_revision', 'environment_info']
+           'AF_UNIX_PATH_MAX', 'RAY_SOCKET_TAIL', 'RECORDED_PACKAGES', 'DataParams', 'ModelParams', 'TrainParams',
+           'RayParams', 'EvaluateParams', 'ServeParams', 'ScoreParams', 'PathsParams', 'Params', 'ParamsError',
+           'find_params_file', 'parse_override', 'Settings', 'load_params', 'seed_everything', 'pick_device',
+           'RayTempDirError', 'ray_socket_fits', 'short_ray_dir', 'ray_temp_dir', 'git_revision', 'environment_info']
 
 # %% ../nbs/00_config.ipynb #dc910d41
 class _Section(BaseModel):
@@ -319,6 +320,42 @@ def pick_device(prefer: str = "auto") -> str:
     if prefer not in available:
         raise ValueError(f"Device {prefer!r} is not available here; choose one of {available} or 'auto'.")
     return prefer
+
+# %% ../nbs/00_config.ipynb #4d421fba
+class RayTempDirError(RuntimeError):
+    "No folder short enough for Ray's sockets; the message says what to set."
+
+
+AF_UNIX_PATH_MAX = 107  # bytes in a UNIX socket's path, on Linux (macOS: 103, which the margin below covers)
+RAY_SOCKET_TAIL = len("/session_2026-12-07_19-03-26_123456_4194304/sockets/plasma_store")
+
+
+def ray_socket_fits(temp_dir: str) -> bool:
+    "Whether Ray's socket paths under its temporary folder `temp_dir` stay within the AF_UNIX limit."
+    return len(os.fsencode(temp_dir)) + RAY_SOCKET_TAIL <= AF_UNIX_PATH_MAX - 4
+
+
+def short_ray_dir() -> str:
+    "`/tmp/ray-<uid>`, made if need be, if it is a folder of this user's; else a `RayTempDirError` that says why."
+    import stat
+
+    folder, why = f"/tmp/ray-{os.getuid()}", "is not a folder of this user's"
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        st = os.lstat(folder)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            return folder
+    except OSError as e:
+        why = f"cannot be made ({e.strerror})"
+    raise RayTempDirError(f"Ray's folders need a short path (its sockets' paths may have at most {AF_UNIX_PATH_MAX} "
+                          f"bytes), and {folder} {why}: set RAY_TMPDIR to a short folder.")
+
+
+def ray_temp_dir() -> str | None:
+    "The temporary folder to give `ray.init`: None where Ray's default fits, else `short_ray_dir()`."
+    from ray._common.utils import get_default_ray_temp_dir
+
+    return None if ray_socket_fits(get_default_ray_temp_dir()) else short_ray_dir()
 
 # %% ../nbs/00_config.ipynb #1bbf9fd4
 RECORDED_PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "ray", "dvc", "dvclive")

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import numpy as np
 from transformers.integrations import DVCLiveCallback
 
-from .config import Params, Settings, pick_device, seed_everything
+from .config import Params, Settings, pick_device, ray_temp_dir, seed_everything
 from .data import CHECKPOINT_HELP, DataError, check_max_length, load_prepared, load_tokenizer
 from .metrics import compute_metrics
 from .model_dir import LABEL_NAMES
@@ -564,7 +564,7 @@ def train_on_ray(settings: Settings, resume_from: str | None = None, callbacks: 
                 ray.init(address=address, log_to_driver=False)
             else:
                 ray.init(address="local", num_cpus=max(os.cpu_count() or 1, t.num_workers), include_dashboard=False,
-                         log_to_driver=False)
+                         log_to_driver=False, _temp_dir=ray_temp_dir())  # short: Ray's sockets, whatever $TMPDIR
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = gpus >= t.num_workers if t.use_gpu == "auto" else bool(t.use_gpu)
         if use_gpu and not address and gpus < t.num_workers:  # a cluster may add GPUs on demand; this machine won't

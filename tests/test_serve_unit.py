@@ -527,8 +527,7 @@ def test_start_server_and_stop_server_are_the_process_launchers():
 def test_every_start_failure_is_a_serve_start_error_and_none_is_a_capacity_error():
     from sentiment_nb.serve import server
 
-    for error in (server.PortInUseError, server.CapacityError, server.HAProxyStartError, server.RayTempDirError,
-                  server.DeployError):
+    for error in (server.PortInUseError, server.CapacityError, server.HAProxyStartError, server.DeployError):
         assert issubclass(error, server.ServeStartError)
     assert not issubclass(server.PortInUseError, server.CapacityError)
     assert not issubclass(server.HAProxyStartError, server.CapacityError)
@@ -601,7 +600,7 @@ def test_start_server_gives_ray_a_short_temp_folder_under_a_long_tmpdir(variable
 
 
 def test_no_short_temp_folder_is_one_line_that_says_what_to_do(monkeypatch, tmp_path):
-    from sentiment_nb.serve import server
+    from sentiment_nb import config
 
     someone_else = os.getuid() + 4242
     folder = Path(f"/tmp/ray-{someone_else}")
@@ -609,8 +608,8 @@ def test_no_short_temp_folder_is_one_line_that_says_what_to_do(monkeypatch, tmp_
     monkeypatch.setattr(os, "getuid", lambda: someone_else)  # /tmp/ray-<uid> exists, and is not this user's
     try:
         folder.mkdir(exist_ok=True)
-        with pytest.raises(server.RayTempDirError) as e:
-            server.short_ray_dir()
+        with pytest.raises(config.RayTempDirError) as e:
+            config.short_ray_dir()
     finally:
         if not existed:
             folder.rmdir()

@@ -18,15 +18,14 @@ from pathlib import Path
 
 from ray import serve
 
-from ..config import ServeParams, Settings
+from ..config import ServeParams, Settings, ray_temp_dir
 from .app import APP_NAME, HEALTH_TIMEOUT_S, INGRESS_CPUS, build_app
 
 # %% auto #0
-__all__ = ['AF_UNIX_PATH_MAX', 'RAY_SOCKET_TAIL', 'HAPROXY_DEFAULT_PORTS', 'HAPROXY_MAX_SOCKET_PATH', 'RAY_NODE_ID_CHARS',
-           'RAY_DEFAULTS', 'HAPROXY_FLAG', 'PROCESS_LAUNCHER', 'start_server', 'stop_server', 'RAY_CORE_PROCESSES',
-           'ServeStartError', 'PortInUseError', 'CapacityError', 'HAProxyStartError', 'RayTempDirError', 'DeployError',
-           'bind_error', 'port_in_use', 'free_port', 'check_port_free', 'check_capacity', 'ray_socket_fits',
-           'short_ray_dir', 'ray_temp_dir', 'is_loopback', 'haproxy_available', 'use_haproxy', 'haproxy_run_dir',
+__all__ = ['HAPROXY_DEFAULT_PORTS', 'HAPROXY_MAX_SOCKET_PATH', 'RAY_NODE_ID_CHARS', 'RAY_DEFAULTS', 'HAPROXY_FLAG',
+           'PROCESS_LAUNCHER', 'start_server', 'stop_server', 'RAY_CORE_PROCESSES', 'ServeStartError', 'PortInUseError',
+           'CapacityError', 'HAProxyStartError', 'DeployError', 'bind_error', 'port_in_use', 'free_port',
+           'check_port_free', 'check_capacity', 'is_loopback', 'haproxy_available', 'use_haproxy', 'haproxy_run_dir',
            'haproxy_env', 'haproxy_start_error', 'haproxy_pids', 'is_running', 'end_processes', 'EnvChanges',
            'deploy_failure', 'wait_healthy', 'prepare_env', 'start_ray', 'start_serve', 'deploy', 'ServeLauncher',
            'metrics_url', 'log_dir', 'dead_ray_processes']
@@ -46,10 +45,6 @@ class CapacityError(ServeStartError):
 
 class HAProxyStartError(ServeStartError):
     "HAProxy could not start on this machine."
-
-
-class RayTempDirError(ServeStartError):
-    "No folder short enough for Ray's sockets."
 
 
 class DeployError(ServeStartError):
@@ -96,38 +91,6 @@ def check_capacity(sp: ServeParams, cpus: float, gpus: float = 0) -> None:
     if need_gpu > gpus + 1e-9:
         raise CapacityError(f"{n} replica(s) of {sp.num_gpus} GPU need {need_gpu:g} GPUs; Ray has {gpus:g}. "
                             f"Set serve.num_gpus to 0 to serve on the CPU.")
-
-# %% ../../nbs/10_serve_run.ipynb #4d421fba
-AF_UNIX_PATH_MAX = 107  # bytes in a UNIX socket's path, on Linux (macOS: 103, which the margin below covers)
-RAY_SOCKET_TAIL = len("/session_2026-12-07_19-03-26_123456_4194304/sockets/plasma_store")
-
-
-def ray_socket_fits(temp_dir: str) -> bool:
-    "Whether Ray's socket paths under its temporary folder `temp_dir` stay within the AF_UNIX limit."
-    return len(os.fsencode(temp_dir)) + RAY_SOCKET_TAIL <= AF_UNIX_PATH_MAX - 4
-
-
-def short_ray_dir() -> str:
-    "`/tmp/ray-<uid>`, made if need be, if it is a folder of this user's; else a `RayTempDirError` that says why."
-    import stat
-
-    folder, why = f"/tmp/ray-{os.getuid()}", "is not a folder of this user's"
-    try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        st = os.lstat(folder)
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
-            return folder
-    except OSError as e:
-        why = f"cannot be made ({e.strerror})"
-    raise RayTempDirError(f"Ray's folders need a short path (its sockets' paths may have at most {AF_UNIX_PATH_MAX} "
-                          f"bytes), and {folder} {why}: set RAY_TMPDIR to a short folder.")
-
-
-def ray_temp_dir() -> str | None:
-    "The temporary folder to give `ray.init`: None where Ray's default fits, else `short_ray_dir()`."
-    from ray._common.utils import get_default_ray_temp_dir
-
-    return None if ray_socket_fits(get_default_ray_temp_dir()) else short_ray_dir()
 
 # %% ../../nbs/10_serve_run.ipynb #5061383c
 def is_loopback(host: str) -> bool:
