@@ -81,7 +81,7 @@ def test_staged_inputs_reach_a_worker_folder_through_local_storage(tmp_path, tin
     "No Ray: stage into a local storage path, fetch into a worker folder, and read them there with the worker's settings."
     import pyarrow.fs
 
-    from sentiment_nb.train import load_prepared
+    from sentiment_nb.data import load_prepared
 
     s = prepared_settings(tmp_path / "project", tiny_model_dir, num_workers=2, storage_path="../storage")
     storage, temporary = run_storage(s)
@@ -376,3 +376,27 @@ def test_two_workers_on_an_existing_cluster(tmp_path, tiny_model_dir, single, ra
         assert len(jobs()) >= 2  # the training run's driver, and this one
     finally:
         ray.shutdown()
+
+
+def test_a_local_ray_for_training_gets_a_short_temp_folder_under_a_long_tmpdir(tmp_path, monkeypatch):
+    "Ray's sockets must fit AF_UNIX's 107 bytes: under a long $RAY_TMPDIR the local Ray of a run gets /tmp/ray-<uid>."
+    import ray
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    def init(**kwargs):
+        seen.update(kwargs)
+        raise Started  # what ray.init was given is all this test needs
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", "/tmp/" + "x" * 40)  # Ray's default, <this>/ray, would be too long
+    s = load_params(write_params(tmp_path / "params.yaml", smoke_params(FIXTURE_DATA, tmp_path, train={"num_workers": 2})))
+    with pytest.raises(Started):
+        train_mod.train_on_ray(s)
+    assert seen["address"] == "local" and seen["_temp_dir"] == f"/tmp/ray-{os.getuid()}"
