@@ -129,6 +129,22 @@ class ServeParams(_Section):
             raise ValueError("must be -1 (no limit) or at least 1")
         return v
 
+# %% ../nbs/00_config.ipynb #5c0e7a23
+class ScoreParams(_Section):
+    "Batch scoring of a file: `sentiment-nb predict --input` and the `score` stage (see the batch chapter)."
+    input: str | None = None  # the file the `score` stage scores (.jsonl, .csv, .parquet, .txt); None: nothing to score
+    output: str = "scored"  # the `score` stage's folder: scored.<format>, scored.rejects.jsonl, summary.json
+    format: Literal["parquet", "jsonl", "csv", "txt"] = "parquet"  # of the stage's scored file
+    text_column: str = "text"  # the column of sentences (a .txt file has one sentence per line)
+    prefix: str = ""  # before the added columns' names (label, score, prob_<label>, model_version, backend)
+    chunk_size: int = Field(1024, ge=1)  # rows read, scored and written at a time; a stopped run resumes at a chunk
+    batch_size: int = Field(32, ge=1)  # texts per forward pass, length-sorted within a chunk
+    backend: Literal[BACKEND_CHOICES] = "auto"  # auto: fastest within serve.max_accuracy_drop of torch
+    on_error: Literal["skip", "fail"] = "skip"  # skip: bad rows go to the rejects file; fail: stop at the first
+    ray: bool = False  # run on Ray Data (ray.address, else $RAY_ADDRESS, else a local Ray)
+    num_actors: int = Field(2, ge=1)  # Ray Data actors, each loading the model once
+    num_cpus: float = Field(1.0, gt=0)  # per Ray Data actor
+
 # %% ../nbs/00_config.ipynb #3e416ebe
 class PathsParams(_Section):
     "Where each stage writes; relative paths are relative to the folder of the params file."
@@ -151,6 +167,7 @@ class Params(_Section):
     ray: RayParams = RayParams()
     evaluate: EvaluateParams = EvaluateParams()
     serve: ServeParams = ServeParams()
+    score: ScoreParams = ScoreParams()
     paths: PathsParams = PathsParams()
 
 # %% ../nbs/00_config.ipynb #72f7369f
