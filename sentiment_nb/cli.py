@@ -18,7 +18,7 @@ from .config import BACKEND_CHOICES, MAX_ACCURACY_DROP
 
 # %% auto #0
 __all__ = ['EXIT_USAGE', 'EXIT_SERVER_GONE', 'WATCH_INTERVAL_S', 'build_parser', 'read_texts', 'default_model_dir', 'cmd_predict',
-           'serve_settings', 'cmd_serve', 'cmd_info', 'main']
+           'cmd_predict_file', 'serve_settings', 'cmd_serve', 'cmd_info', 'main']
 
 # %% ../nbs/11_cli.ipynb #e2b4036d
 def _positive_int(s: str) -> int:
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="classify sentences and print JSON",
                         description="Classify sentences; print one JSON object for one sentence, a list for several.")
-    pr.add_argument("texts", nargs="+", metavar="TEXT", help="sentences to classify; `-` reads one per line from stdin")
+    pr.add_argument("texts", nargs="*", metavar="TEXT", help="sentences to classify; `-` reads one per line from stdin")
     pr.add_argument("--model", default=None,
                     help="the exported model folder (default: serve.model of $SENTIMENT_NB_PARAMS or of the nearest "
                          "params.yaml, as `serve` reads it; else ./model)")
@@ -58,6 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                     help="torch, ONNX Runtime fp32 or int8, or auto: the fastest whose recorded test accuracy is within "
                          f"{MAX_ACCURACY_DROP:g} points of torch's (default: %(default)s)")
+    fm = pr.add_argument_group("scoring a file", "instead of TEXTs: read --input chunk by chunk, write --output; "
+                               "unset options come from the `score` section of the params file")
+    fm.add_argument("--input", default=None, help="file to score: .jsonl, .csv, .parquet or .txt (a sentence per line)")
+    fm.add_argument("--output", default=None, help="scored file (.jsonl, .csv, .parquet, .txt); with --ray a Parquet "
+                    "folder. Rejected rows go to <name>.rejects.jsonl beside it")
+    fm.add_argument("--text-column", default=None, help="column of sentences (default: score.text_column, text)")
+    fm.add_argument("--prefix", default=None, help="put before the added columns' names, e.g. pred_ (default: none)")
+    fm.add_argument("--on-error", choices=("skip", "fail"), default=None,
+                    help="skip: bad rows go to the rejects file; fail: stop at the first (default: score.on_error, skip)")
+    fm.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    fm.add_argument("--chunk-size", type=_positive_int, default=None,
+                    help="rows read, scored and written at a time (default: score.chunk_size, 1024)")
+    fm.add_argument("--ray", action="store_true", default=None,
+                    help="run on Ray Data (also when $RAY_ADDRESS is set): ray.address, else a local Ray")
+    fm.add_argument("--actors", type=_positive_int, default=None, help="Ray Data actors (default: score.num_actors, 2)")
+    fm.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs per actor (default: score.num_cpus, 1)")
+    fm.add_argument("--params", default=None, help="params file (default: $SENTIMENT_NB_PARAMS, else the nearest "
+                    "params.yaml, else the built-in defaults)")
 
     sv = sub.add_parser("serve", help="serve the model over HTTP with Ray Serve",
                         description="Start a local Ray, deploy the model behind POST /predict, and stop cleanly "
@@ -109,6 +127,10 @@ def default_model_dir() -> Path:
 def cmd_predict(args) -> int:
     from sentiment_nb.predict import InputError, ModelDirError, check_model_dir, check_texts, load_predictor
 
+    if args.input is not None or args.output is not None:
+        return cmd_predict_file(args)
+    if not args.texts:
+        return _fail("give TEXTs to classify, `-` to read them from stdin, or --input FILE --output FILE to score a file.")
     try:
         texts = check_texts(read_texts(args.texts))
         model = args.model if args.model is not None else default_model_dir()
@@ -118,6 +140,50 @@ def cmd_predict(args) -> int:
     except (InputError, ModelDirError, ValueError) as e:
         return _fail(e)
     print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    return 0
+
+# %% ../nbs/11_cli.ipynb #a83e55f1
+def cmd_predict_file(args) -> int:
+    "`predict --input --output`: score a file on this machine or on Ray Data; print the summary as JSON."
+    from sentiment_nb.config import ParamsError, load_params
+    from sentiment_nb.predict import ModelDirError
+
+    if args.texts:
+        return _fail("give either TEXTs or --input FILE, not both.")
+    if args.input is None or args.output is None:
+        return _fail("--input needs --output." if args.output is None else "--output needs --input.")
+    try:
+        settings = load_params(args.params, missing_ok=True)
+        sp = settings.score
+        model = args.model if args.model is not None else settings.resolve(settings.serve.model)
+        common = dict(text_column=args.text_column or sp.text_column, backend=args.backend,
+                      batch_size=args.batch_size, chunk_rows=args.chunk_size or sp.chunk_size,
+                      prefix=sp.prefix if args.prefix is None else args.prefix, on_error=args.on_error or sp.on_error,
+                      overwrite=args.overwrite, max_accuracy_drop=settings.serve.max_accuracy_drop)
+        use_ray = bool(args.ray or sp.ray or os.environ.get("RAY_ADDRESS"))
+        previous = _install_signal_handlers()  # SIGTERM too: the finished chunks stay, a rerun resumes
+        try:
+            if use_ray:
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+                from sentiment_nb.batch_ray import score_with_ray
+
+                summary = score_with_ray(args.input, args.output, model, num_actors=args.actors or sp.num_actors,
+                                         cpus_per_actor=args.cpus_per_actor or sp.num_cpus,
+                                         address=settings.ray.address, **common)
+            else:
+                from sentiment_nb.batch import score_file
+
+                summary = score_file(args.input, args.output, model, device=args.device, **common)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    except (ModelDirError, ParamsError, ValueError) as e:  # BatchError is a ValueError
+        return _fail(e)
+    except KeyboardInterrupt as e:
+        print(f"sentiment-nb: interrupted ({e or 'SIGINT'}); the chunks already scored are kept: run the same "
+              "command again to resume.", file=sys.stderr, flush=True)
+        return 130
+    print(json.dumps(summary, indent=2))
     return 0
 
 # %% ../nbs/11_cli.ipynb #17458a82
@@ -206,5 +272,8 @@ def cmd_info(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `sentiment-nb` command; returns the exit status."
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "predict" and not args.texts and args.input is None and args.output is None:
+        parser.error("predict needs TEXTs, `-` to read them from stdin, or --input FILE --output FILE")
     return {"predict": cmd_predict, "serve": cmd_serve, "info": cmd_info}[args.command](args)

@@ -27,7 +27,9 @@ ALLOWED = {
     "serve.api": {"config"},  # the HTTP contract: schemas, errors, body limit, page, the FastAPI app without routes
     "serve.app": {"config", "model_dir", "predict", "serve.api"},  # the deployments and build_app
     "serve.server": {"config", "serve.api", "serve.app"},  # running a server: ports, HAProxy, Ray, start/stop
-    "cli": {"config", "model_dir", "predict", *SERVE},
+    "batch": {"config", "model_dir", "predict"},  # scoring files chunk by chunk, with the predictors serving runs
+    "batch_ray": {"config", "model_dir", "predict", "batch"},  # the same job on Ray Data
+    "cli": {"config", "model_dir", "predict", "batch", "batch_ray", *SERVE},
 }
 TRAINING_STACK = {"train", "data", "evaluate", "export", "metrics"}  # and the third-party packages below
 TRAINING_PACKAGES = {"datasets", "pandas", "sklearn", "dvclive", "accelerate"}
