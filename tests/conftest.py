@@ -24,3 +24,10 @@ def smoke_project(tmp_path_factory, tiny_model_dir):
     git(root, "add", "-A")  # dvc.lock, metrics and plots go through git; the rest through DVC
     git(root, "commit", "-qm", "smoke run")
     return root, first
+
+
+def pytest_collection_modifyitems(items):
+    "The notebooks run their stage end to end (nbval, on the smoke params): they belong to the slow tests."
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.slow)

@@ -38,6 +38,7 @@ def logged_steps(settings, name="train/loss"):
     return pd.read_csv(settings.path("train_live") / "plots" / "metrics" / f"{name}.tsv", sep="\t")["step"].tolist()
 
 
+@pytest.mark.slow  # two training runs
 def test_interrupted_run_resumes_from_its_checkpoint(settings):
     with pytest.raises(KeyboardInterrupt):
         train(settings, callbacks=[Interrupt()])

@@ -132,6 +132,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # a two-process gloo group
 def test_best_model_sync_gives_every_rank_rank_zeros_weights(tmp_path):
     store = f"file://{tmp_path / 'store'}"  # a file rendezvous, and gloo on the loopback: no port open beyond it
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
