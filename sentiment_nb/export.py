@@ -222,7 +222,7 @@ def replace_folder(new: Path, out: Path) -> Path:
     shutil.rmtree(old)
     return out
 
-
+# %% ../nbs/07_export.ipynb #12f8e360
 def write_export(settings: Settings, onnx: bool | None = None) -> Path:
     """Export `paths.best_model` into `paths.model` with a copy of `paths.eval`/metrics.json, a model card, and
     the ONNX graphs of `paths.onnx` in `onnx/` (`onnx=None`: when that folder exists)."""

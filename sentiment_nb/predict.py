@@ -80,7 +80,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(z - z.max(axis=-1, keepdims=True))
     return z / z.sum(axis=-1, keepdims=True)
 
-
+# %% ../nbs/04_predict.ipynb #e4bc0dae
 class BasePredictor:
     "What every backend shares: `labels`, and `predict_proba` and `predict` on top of the backend's `predict_logits`."
     backend: str = "?"
@@ -112,7 +112,7 @@ class BasePredictor:
                         "probabilities": {name: float(q) for name, q in zip(self.labels, p, strict=True)}})
         return out
 
-
+# %% ../nbs/04_predict.ipynb #05c645f7
 class Predictor(BasePredictor):
     "A sequence classifier loaded once from `model_dir` with PyTorch, labelling texts in length-sorted batches."
     backend = "torch"
@@ -211,7 +211,7 @@ def _token(value) -> str | None:
     "A special token as saved in tokenizer_config.json: a string, or a dict with its `content`."
     return value.get("content") if isinstance(value, dict) else value
 
-
+# %% ../nbs/04_predict.ipynb #567beb13
 class OnnxPredictor(BasePredictor):
     "The classifier of `model_dir` run by ONNX Runtime from `onnx_file`: no torch, no transformers."
 
@@ -320,7 +320,7 @@ def auto_device() -> str:
 
     return pick_device() if importlib.util.find_spec("torch") else "cpu"
 
-
+# %% ../nbs/04_predict.ipynb #41fe5a8d
 def select_backend(model_dir: str | os.PathLike, backend: str = "auto", max_accuracy_drop: float = MAX_ACCURACY_DROP,
                    device: str = "cpu") -> tuple[str, str]:
     "The concrete backend for `backend` (`auto` or one of `BACKENDS`) and the reason for it."
@@ -361,7 +361,7 @@ def select_backend(model_dir: str | os.PathLike, backend: str = "auto", max_accu
                    f"({-drop:+.2f} points)")
     return "torch", "no faster backend qualifies (" + "; ".join(skipped) + ")"
 
-
+# %% ../nbs/04_predict.ipynb #0f1f078d
 def load_predictor(model_dir: str | os.PathLike, backend: str = "auto", device: str = "auto", batch_size: int = 32,
                    threads: int = 0, max_accuracy_drop: float = MAX_ACCURACY_DROP, max_length: int | None = None) -> BasePredictor:
     "A predictor for `model_dir` on `backend` (`auto`: see `select_backend`); its `backend` says which one."

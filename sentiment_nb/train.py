@@ -177,7 +177,7 @@ def resumable_checkpoint(folder: str | Path, fingerprint: str) -> str | None:
     stamp.write_text(json.dumps({"fingerprint": fingerprint, "complete": False}) + "\n")
     return last
 
-
+# %% ../nbs/03_train.ipynb #fbb7a70e
 def mark_complete(folder: str | Path) -> None:
     "Drop the checkpoints of a finished run, keeping its fingerprint: nothing is left to resume."
     folder = Path(folder)
@@ -280,7 +280,7 @@ def build_trainer(settings: Settings, device: str, callbacks: list | None = None
         callbacks=callbacks,
     )
 
-
+# %% ../nbs/03_train.ipynb #12a5dcdd
 def fit(settings: Settings, device: str, resume_from: str | None = None, callbacks: list | None = None,
         rank: int = 0, prepare=None) -> dict:
     "Train `build_trainer`'s `Trainer`, save the best model and (on `rank` 0) its dvclive record; return a summary."
@@ -323,7 +323,7 @@ def fit(settings: Settings, device: str, resume_from: str | None = None, callbac
         live.end()
     return summary
 
-
+# %% ../nbs/03_train.ipynb #c71a2993
 def train(settings: Settings, callbacks: list | None = None) -> dict:
     "Fine-tune `settings.model.checkpoint` on `paths.prepared`, here or on Ray; return a summary of the run."
     dsd = load_prepared(settings)
@@ -470,7 +470,7 @@ def report_outputs(settings: Settings, summary: dict, rank: int) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(out))
     ray.train.report({"eval_accuracy": summary["best_validation"]["accuracy"], "outputs": 1}, checkpoint=checkpoint)
 
-
+# %% ../nbs/03_train.ipynb #c9ff1fbe
 def ray_worker(config: dict) -> None:
     "What each Ray Train worker runs: fetch the staged inputs, `fit` in a folder of its machine, report the outputs."
     import ray.train
@@ -536,7 +536,7 @@ def _restore_after_failure(fs, run_dir: str, folder: Path) -> list[str]:
         return []
     return restore_checkpoints(kept, folder)
 
-
+# %% ../nbs/03_train.ipynb #76c0782c
 def train_on_ray(settings: Settings, resume_from: str | None = None, callbacks: list | None = None,
                  fingerprint: str | None = None) -> dict:
     "Run `fit` in `train.num_workers` Ray Train workers through the run's storage; return rank 0's summary."
