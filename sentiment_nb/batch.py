@@ -346,6 +346,16 @@ def _write_output(parts: list[Path], fmt: str, path: Path, text_column: str, pre
         raise BatchError(f"A column changes type from one chunk to another ({e}); convert the input to Parquet "
                          "with one type per column.") from e
     tables = (pq.read_table(p).select(schema.names).cast(schema) for p in parts)
+    try:
+        _write_tables(tables, schema, fmt, path, text_column, prefix)
+    except (pa.ArrowException, TypeError) as e:  # a nested column in a CSV, say
+        raise BatchError(f"Cannot write the scores as {fmt} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                         "choose .parquet or .jsonl for this input.") from e
+
+
+def _write_tables(tables, schema, fmt: str, path: Path, text_column: str, prefix: str) -> None:
+    import pyarrow.parquet as pq
+
     if fmt == "parquet":
         with pq.ParquetWriter(path, schema) as w:
             for t in tables:

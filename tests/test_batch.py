@@ -141,6 +141,15 @@ def test_prefix_and_a_column_clash(tmp_path, tiny_model_dir):
     assert row["label"] == 1 and row["pred_label"] in ("negative", "positive") and "pred_prob_positive" in row
 
 
+def test_a_column_that_csv_cannot_hold_is_a_clear_error(tmp_path, tiny_model_dir):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": "fine", "meta": {"source": "web"}}) + "\n")
+    with pytest.raises(BatchError, match="Cannot write the scores as csv"):
+        score_file(src, tmp_path / "out.csv", tiny_model_dir, backend="torch", device="cpu")
+    score_file(src, tmp_path / "out.jsonl", tiny_model_dir, backend="torch", device="cpu")
+    assert read_output(tmp_path / "out.jsonl")[0]["meta"] == {"source": "web"}
+
+
 def test_empty_input_gives_an_empty_output(tmp_path, tiny_model_dir):
     (tmp_path / "in.txt").write_text("")
     s = score_file(tmp_path / "in.txt", tmp_path / "out.parquet", tiny_model_dir, backend="torch", device="cpu")
