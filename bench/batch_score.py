@@ -10,7 +10,8 @@ Every variant runs in a fresh process, one after the other in one run, on the sa
   --cpus-per-actor CPUs on a local Ray (its start is counted in `wall_s`, not in `job_s`).
 
 For each: sentences/s (rows over the job's own time, model load and Ray start excluded; `wall_s` includes them),
-the time to the first output row from the process start (the first chunk on disk; the baseline: its first batch),
+the time to the first output row from the process start (the first chunk on disk; Ray: its first file written;
+the baseline: its first answer),
 and the peak RSS of the process (ru_maxrss; for Ray, the driver's only: the actors are other processes).
 `--rss-rows 10000 1000000` also runs the single-process job of the first backend on inputs of those sizes and prints
 the peak RSS of each, to show that memory does not grow with the file (use a small model for a million rows).
@@ -28,6 +29,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -90,15 +92,27 @@ def run_ray(args) -> dict:
     temp = f"/tmp/ray-b{os.getpid()}"
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(args.actors * args.cpus_per_actor) + 1),
              include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp, log_to_driver=False)
+    out = Path(args.workdir) / f"ray-{args.backend}.parquet"
+    first, done = [], threading.Event()
+
+    def watch():  # Ray writes into a temporary folder beside the output: its first file is the first output row
+        while not done.is_set() and not first:
+            if any(Path(args.workdir).glob(f".{out.name}.tmp-*/*.parquet")):
+                first.append(time.perf_counter() - START)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     try:
-        out = Path(args.workdir) / f"ray-{args.backend}.parquet"
         s = score_with_ray(args.input, out, args.model, backend=args.backend, chunk_rows=args.chunk_size,
                            batch_size=args.batch_size, overwrite=True, num_actors=args.actors,
                            cpus_per_actor=args.cpus_per_actor)
     finally:
+        done.set()
         ray.shutdown()
     return {"rows": s["rows"], "backend": s["backend"], "actors": args.actors, "cpus_per_actor": args.cpus_per_actor,
-            "job_s": s["seconds"], "sent_per_s": round(s["rows"] / s["seconds"], 1), "first_row_s": None,
+            "job_s": s["seconds"], "sent_per_s": round(s["rows"] / s["seconds"], 1),
+            "first_row_s": round(first[0], 2) if first else None,
             "wall_s": round(time.perf_counter() - START, 2), "peak_rss_mb_driver": peak_rss_mb()}
 
 
