@@ -20,7 +20,7 @@ ALLOWED = {
     "metrics": set(),  # one compute_metrics for train and evaluate
     "data": {"config", "model_dir"},
     "train": {"config", "model_dir", "data", "metrics"},
-    "export": {"config", "model_dir", "data"},
+    "export": {"config", "model_dir"},  # the folder contract only: no datasets or pandas for a tuple of label names
     "predict": {"config", "model_dir"},
     "onnx_export": {"config", "model_dir", "predict"},  # checks its graphs against PyTorch through the predictors
     "evaluate": {"config", "model_dir", "data", "predict", "metrics"},  # scores what will be served, backend by backend
