@@ -5,7 +5,7 @@ from a JSONL file, at each concurrency level (default 1, 8 and 32); each level s
 --duration seconds, whichever comes first. For each server and level the script reports the throughput (answered
 requests per second), the p50/p95/p99 latency of the answered requests, and the errors by status.
 
-- serve: `sentiment_nb.serve.start_server` (one model replica with --cpus CPUs, dynamic batching, length sorting).
+- serve: `sentiment_nb.serve.server.start_server` (one model replica with --cpus CPUs, dynamic batching, length sorting).
 - baseline: this file's `_baseline` mode under uvicorn in a subprocess: the model loaded once, one forward pass per
   request, no batching, a sync route run in FastAPI's thread pool, and torch's default thread count, as most projects
   ship it. `--baseline-threads N` limits torch to N threads per pass, a tuned variant to compare with too.
