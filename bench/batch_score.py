@@ -95,9 +95,9 @@ def run_ray(args) -> dict:
     out = Path(args.workdir) / f"ray-{args.backend}.parquet"
     first, done = [], threading.Event()
 
-    def watch():  # Ray writes into a temporary folder beside the output: its first file is the first output row
+    def watch():  # Ray writes into a hidden folder beside the output: its first file is the first output row
         while not done.is_set() and not first:
-            if any(Path(args.workdir).glob(f".{out.name}.tmp-*/*.parquet")):
+            if any(Path(args.workdir).glob(f".{out.name}.partial/*.parquet")):
                 first.append(time.perf_counter() - START)
             time.sleep(0.05)
 
@@ -140,6 +140,8 @@ def parse_args(argv=None):
     add_data_arg(p)
     p.add_argument("--rows", type=int, default=100_000, help="rows scored by each variant (default: %(default)s)")
     p.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS)
+    p.add_argument("--ray-backends", nargs="+", default=None, choices=BACKENDS,
+                   help="backends of the Ray Data job (default: --backends)")
     p.add_argument("--only", nargs="+", default=["baseline", "job", "ray"], choices=["baseline", "job", "ray", "rss"],
                    help="variants to run (default: all three; `rss` alone: only the --rss-rows runs)")
     p.add_argument("--baseline-batch-sizes", nargs="+", type=int, default=[8, 16, 32, 64])
@@ -190,7 +192,7 @@ def main(argv=None) -> int:
         for kind in ("job", "ray"):
             if kind not in args.only:
                 continue
-            for backend in args.backends:
+            for backend in (args.ray_backends or args.backends) if kind == "ray" else args.backends:
                 r = child(args, kind, backend=backend, batch_size=args.batch_size)
                 results[f"{kind}:{backend}"] = r
                 print(f"{kind}:{backend}: {r}", flush=True)

@@ -5,9 +5,12 @@
 # %% ../nbs/12a_batch_ray.ipynb #adb20901
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +21,8 @@ from .model_dir import check_model_dir
 from .predict import load_predictor, select_backend
 
 # %% auto #0
-__all__ = ['REASON_COLUMN', 'ChunkScorer', 'read_ray', 'score_with_ray']
+__all__ = ['REASON_COLUMN', 'ChunkScorer', 'read_ray', 'checkpoint_dir', 'check_id_column', 'prepare_resume', 'write_rejects',
+           'score_with_ray']
 
 # %% ../nbs/12a_batch_ray.ipynb #0ac7f9c0
 REASON_COLUMN = "reject_reason"  # Ray Data output: why a row was not scored (null when it was)
@@ -46,8 +50,11 @@ class ChunkScorer:
         return scored.append_column(self.prefix + REASON_COLUMN, pa.array(reasons, pa.string()))
 
 
-def read_ray(path: str, text_column: str = "text"):
-    "A Ray Data dataset of the file (or folder, or `s3://`/`gs://` URI) `path`, its text column as strings."
+def read_ray(path: str, text_column: str = "text", arrow_blocks: bool = False):
+    """A Ray Data dataset of the file (or folder, or `s3://`/`gs://` URI) `path`, its text column as strings.
+
+    `arrow_blocks`: read JSONL with pyarrow's reader too (Ray's checkpoint filter takes Arrow blocks only), which
+    needs one type per key; by default pandas reads it, and a row whose text is not a string becomes a reject."""
     import ray.data as rd
 
     fmt = B.file_format(path)
@@ -56,96 +63,181 @@ def read_ray(path: str, text_column: str = "text"):
     if fmt == "csv":
         return rd.read_csv(path, convert_options=B.csv_convert_options(B.csv_names(path)))
     if fmt == "jsonl":
-        return rd.read_json(path, lines=True)
+        return rd.read_json(path) if arrow_blocks else rd.read_json(path, lines=True)
     return rd.read_text(path, drop_empty_lines=False)  # one row per line, in the column `text`
 
-
+# %% ../nbs/12a_batch_ray.ipynb #9b3453f2
 def _is_uri(path) -> bool:
     return "://" in str(path)
 
 
+def checkpoint_dir(output) -> Path:
+    "Where Ray Data records the ids of the rows a job on `output` has committed: a hidden folder beside it."
+    output = Path(output)
+    return output.parent / f".{output.name}.checkpoint"
+
+
+def check_id_column(src: Path, id_column: str, text_column: str) -> None:
+    "A `BatchError` unless the local file `src` has the column `id_column` (read from its first row)."
+    first, _ = next(B.read_chunks(src, text_column, 1), (None, None))
+    names = first.column_names if first is not None else []
+    if id_column not in names:
+        raise B.BatchError(f"{src} has no column {id_column!r} to resume by; its columns are "
+                           f"{', '.join(map(repr, names)) or 'none'}. Pass --id-column with a column of unique row "
+                           "ids, or leave it out (a stopped job then starts over).")
+
+
+def prepare_resume(out: Path, manifest: dict, id_column: str | None, log) -> bool:
+    """Make the folders beside `out` ready for a run of the job `manifest`; whether it resumes a stopped one.
+
+    A stopped run is resumed only with an `id_column` and the same manifest; otherwise what it left goes."""
+    work, ckpt = B.partial_dir(out), checkpoint_dir(out)
+    mfile = work / "manifest.json"
+    same = bool(id_column) and ckpt.is_dir() and mfile.is_file() and json.loads(mfile.read_text()) == manifest
+    if not same:
+        if any(work.glob("*.parquet")):
+            log(f"{work} holds rows of a run that cannot be resumed (no id column, or another input, model or "
+                "settings): starting afresh.")
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    mfile.write_text(json.dumps(manifest, indent=1))
+    resumed = same and any(work.glob("*.parquet"))
+    if resumed:
+        log(f"Resuming {out.name}: Ray Data skips the rows whose {id_column!r} is recorded in {ckpt}.")
+    return resumed
+
+# %% ../nbs/12a_batch_ray.ipynb #755cf4f9
+def write_rejects(scored, rejects_file, text_column: str, prefix: str = "", id_column: str | None = None,
+                  numbered: bool = True) -> tuple[int, int]:
+    """Write the rows of the Parquet folder `scored` that carry a reject reason to the JSONL `rejects_file`, as the
+    single-process job does; `(rows, rejected)`. Rows are numbered from 1 in the folder's order when `numbered`."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+
+    columns = [prefix + REASON_COLUMN] + ([id_column] if id_column else [])
+    fs, path = pafs.FileSystem.from_uri(str(rejects_file) if _is_uri(rejects_file) else str(Path(rejects_file).absolute()))
+    rows = rejected = 0
+    with fs.open_output_stream(path) as f:
+        for batch in pads.dataset(str(scored), format="parquet").to_batches(columns=columns):
+            for k in pc.indices_nonzero(pc.is_valid(batch.column(0))).to_pylist():
+                record = {"row": rows + k + 1} if numbered else {}
+                if id_column:
+                    record[id_column] = batch.column(1)[k].as_py()
+                record.update(column=text_column, reason=batch.column(0)[k].as_py())
+                f.write((json.dumps(record) + "\n").encode())
+                rejected += 1
+            rows += batch.num_rows
+    return rows, rejected
+
+# %% ../nbs/12a_batch_ray.ipynb #f58987b6
+def _batch_error(e: Exception) -> B.BatchError | None:
+    "The `BatchError` an actor raised, out of the error Ray re-raised in the driver; None if it is another error."
+    cause = e
+    while cause is not None and not isinstance(cause, B.BatchError):
+        cause = cause.__cause__
+    if cause is not None:
+        return B.BatchError(str(cause))
+    if "BatchError" in str(e):  # Ray re-raises the actor's error wrapped, its class name in the message
+        return B.BatchError(str(e).split("BatchError: ")[-1].strip().splitlines()[0])
+    return None
+
+
+def _start_ray(address: str | None, num_actors: int, cpus_per_actor: float, temp_dir: str | None,
+               resuming: bool = False) -> bool:
+    "Join the Ray at `address` (else `$RAY_ADDRESS`), else start a local one, unless one is up; whether we started it."
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        # one CPU more than the actors reserve: reading and writing are Ray tasks too, and starve without one; and
+        # one more to resume, for the actor of Ray Data's CheckpointFilter (1 CPU, 1 GiB)
+        cpus = max(os.cpu_count() or 1, int(np.ceil(num_actors * cpus_per_actor)) + 1 + resuming)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 _temp_dir=temp_dir or ray_temp_dir(), log_to_driver=False)  # a short one: AF_UNIX paths
+    return True
+
+
+def _move_into_place(work: Path, out: Path) -> str:
+    "Rename the finished job's folder `work` to `out` (which --overwrite let us replace), and drop its checkpoint."
+    (work / "manifest.json").unlink()
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(work, out)
+    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+    return str(out)
+
+# %% ../nbs/12a_batch_ray.ipynb #73d76f04
 def score_with_ray(input, output, model_dir="model", text_column: str | None = None, backend: str = "auto",
                    batch_size: int = 32, chunk_rows: int = 1024, prefix: str = "", on_error: str = "skip",
                    overwrite: bool = False, num_actors: int = 2, cpus_per_actor: float = 1.0,
-                   max_accuracy_drop: float = MAX_ACCURACY_DROP, address: str | None = None,
-                   temp_dir: str | None = None) -> dict:
+                   id_column: str | None = None, max_accuracy_drop: float = MAX_ACCURACY_DROP,
+                   address: str | None = None, temp_dir: str | None = None, log=None) -> dict:
     """Score `input` into the Parquet folder `output` on Ray Data: read, `map_batches(ChunkScorer)` on `num_actors`
-    actors of `cpus_per_actor` CPUs each, write. Rows keep their order; a bad row keeps nulls and its `reject_reason`.
+    actors of `cpus_per_actor` CPUs each, write; bad rows keep nulls and a `reject_reason` and go to the rejects file.
 
-    Ray is the one at `address` (else `$RAY_ADDRESS`), else a local one on 127.0.0.1 (its temporary folder `temp_dir`,
-    else a short one), stopped at the end."""
+    With `id_column`, a stopped job on a local output resumes (Ray Data's checkpointing). Ray is the one at `address`
+    (else `$RAY_ADDRESS`), else a local one on 127.0.0.1 (its temporary folder `temp_dir`), stopped at the end."""
     import ray
     import ray.data as rd
+    from ray.data.checkpoint import CheckpointConfig
 
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if on_error not in B.ON_ERROR:
         raise B.BatchError(f"on_error must be one of {', '.join(B.ON_ERROR)}, not {on_error!r}.")
-    fin = B.file_format(input)
+    fin, local = B.file_format(input), not _is_uri(output)
     if B.file_format(output) != "parquet":
         raise B.BatchError(f"With Ray the output is a Parquet folder (Ray Data's write_parquet): name it "
-                         f"*.parquet, not {output!r}.")
+                           f"*.parquet, not {output!r}.")
+    text_column = B.TXT_COLUMN if fin == "txt" else (text_column or "text")
     if not _is_uri(input):
         input = B.check_input(input)
-    if not _is_uri(output):
-        out = B.check_output(output, input, overwrite)
-    text_column = B.TXT_COLUMN if fin == "txt" else (text_column or "text")
+        if id_column:
+            check_id_column(input, id_column, text_column)
     model = check_model_dir(model_dir)
     chosen, _ = select_backend(model, backend, max_accuracy_drop, "cpu")
-    version = B.model_version(model)
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        address = address or os.environ.get("RAY_ADDRESS") or None
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            # one CPU more than the actors reserve: reading and writing are Ray tasks too, and starve without one
-            cpus = max(os.cpu_count() or 1, int(np.ceil(num_actors * cpus_per_actor)) + 1)
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                     _temp_dir=temp_dir or ray_temp_dir(), log_to_driver=False)  # a short one: AF_UNIX paths
-    started = time.perf_counter()
+    version, resumed, target = B.model_version(model), False, str(output)
+    if local:
+        out = B.check_output(output, input, overwrite)
+        st = Path(input).stat() if not _is_uri(input) else None
+        job = {"input": str(input), "size": st and st.st_size, "mtime_ns": st and st.st_mtime_ns, "prefix": prefix,
+               "text_column": text_column, "id_column": id_column, "model_version": version, "backend": chosen,
+               "on_error": on_error}
+        resumed, target = prepare_resume(out, job, id_column, log), str(B.partial_dir(out))
+    started_ray = _start_ray(address, num_actors, cpus_per_actor, temp_dir, resuming=resumed)
+    ctx = rd.DataContext.get_current()
+    before, started = ctx.checkpoint_config, time.perf_counter()
     try:
-        ctx = rd.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # rows come out in the order they were read
         ctx.enable_progress_bars = B._show_progress()
-        ds = read_ray(str(input), text_column)
-        ds = ds.map_batches(ChunkScorer, batch_size=chunk_rows, batch_format="pyarrow", zero_copy_batch=True,
-                            compute=rd.ActorPoolStrategy(size=num_actors), num_cpus=cpus_per_actor,
-                            fn_constructor_kwargs={"model_dir": str(model), "backend": chosen,
-                                                   "text_column": text_column, "prefix": prefix, "version": version,
-                                                   "batch_size": batch_size, "threads": max(1, int(cpus_per_actor)),
-                                                   "on_error": on_error})
-        if _is_uri(output):
-            ds.write_parquet(str(output))
-            written = str(output)
-        else:
-            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                ds.write_parquet(str(tmp))
-                if out.exists():
-                    shutil.rmtree(out) if out.is_dir() else out.unlink()
-                os.replace(tmp, out)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            written = str(out)
+        if local and id_column:
+            ctx.checkpoint_config = CheckpointConfig(id_column=id_column, checkpoint_path=str(checkpoint_dir(out)))
+        ds = read_ray(str(input), text_column, arrow_blocks=bool(local and id_column)).map_batches(
+            ChunkScorer, batch_size=chunk_rows, batch_format="pyarrow", zero_copy_batch=True,
+            compute=rd.ActorPoolStrategy(size=num_actors), num_cpus=cpus_per_actor,
+            fn_constructor_kwargs={"model_dir": str(model), "backend": chosen, "text_column": text_column,
+                                   "prefix": prefix, "version": version, "batch_size": batch_size,
+                                   "threads": max(1, int(cpus_per_actor)), "on_error": on_error})
+        ds.write_parquet(target)
     except Exception as e:
-        cause = e
-        while cause is not None and not isinstance(cause, B.BatchError):
-            cause = cause.__cause__
-        if cause is None and isinstance(e, B.BatchError):
-            cause = e
-        if cause is None and "BatchError" in str(e):  # Ray re-raises the actor's error wrapped
-            raise B.BatchError(str(e).split("BatchError: ")[-1].strip().splitlines()[0]) from e
-        if cause is not None:
-            raise B.BatchError(str(cause)) from e
+        if (err := _batch_error(e)) is not None:
+            raise err from e
         raise
     finally:
+        ctx.checkpoint_config = before
         seconds = time.perf_counter() - started
         if started_ray:
             ray.shutdown()
-    import pyarrow.dataset as pads
-
-    reasons = pads.dataset(written, format="parquet").to_table(columns=[prefix + REASON_COLUMN]).column(0)
-    rows, rejected = len(reasons), len(reasons) - reasons.null_count
-    return {"input": str(input), "output": written, "rows": rows, "scored": rows - rejected, "rejected": rejected,
-            "backend": chosen, "model_version": version, "ray": {"actors": num_actors, "cpus_per_actor": cpus_per_actor},
+    if local:
+        target = _move_into_place(Path(target), out)
+    rejects = B.rejects_path(out) if local else f"{target.rstrip('/').rsplit('.', 1)[0]}.rejects.jsonl"
+    rows, rejected = write_rejects(target, rejects, text_column, prefix, id_column, numbered=not resumed)
+    return {"input": str(input), "output": target, "rejects_file": str(rejects), "rows": rows,
+            "scored": rows - rejected, "rejected": rejected, "resumed": resumed, "backend": chosen,
+            "model_version": version, "ray": {"actors": num_actors, "cpus_per_actor": cpus_per_actor},
             "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None}

@@ -370,6 +370,8 @@ def test_progress_bar_only_on_a_terminal(tmp_path, tiny_model_dir, capsys):
 
 # --- Ray Data (slow: a local Ray) ------------------------------------------------------------------------------------
 
+RAY_RESUME_ROWS = 2000  # enough for Ray to commit some rows before the test stops the job
+
 RAY_SCRIPT = r'''
 import json, sys
 import pyarrow as pa
@@ -482,6 +484,64 @@ def test_ray_bad_rows_keep_a_reason_or_stop_the_job(ray_run):
     assert out.column("reject_reason").to_pylist() == [None, "empty text", "empty text", "no text (missing or null)",
                                                        "no text (missing or null)"]
     assert out.column("label").to_pylist()[0] in ("negative", "positive") and out.column("label").null_count == 4
+    rejects = [json.loads(line) for line in rejects_path(Path(args["out_skip"])).read_text().splitlines()]
+    assert rejects == [{"row": 2, "column": "text", "reason": "empty text"},
+                       {"row": 3, "column": "text", "reason": "empty text"},
+                       {"row": 4, "column": "text", "reason": "no text (missing or null)"},
+                       {"row": 5, "column": "text", "reason": "no text (missing or null)"}]
+    assert result["skip"]["rejects_file"] == str(rejects_path(Path(args["out_skip"])))
+
+
+def test_ray_resume_needs_an_id_column_that_exists(tmp_path, tiny_model_dir):
+    from sentiment_nb.batch_ray import score_with_ray
+
+    src = write_input(tmp_path / "in.jsonl", TEXTS[:3])
+    with pytest.raises(BatchError) as e:  # checked on the driver, before Ray starts
+        score_with_ray(src, tmp_path / "out.parquet", tiny_model_dir, backend="torch", id_column="row_id")
+    assert "no column 'row_id' to resume by" in str(e.value) and "'id', 'text'" in str(e.value)
+    assert "--id-column" in str(e.value) and not (tmp_path / "out.parquet").exists()
+
+
+@pytest.mark.slow  # two local Ray starts
+def test_a_stopped_ray_job_resumes_by_its_id_column(tmp_path, tiny_model_dir):
+    import shutil
+
+    from sentiment_nb.batch_ray import checkpoint_dir
+
+    texts = [f"{t} {i}" for i in range(100) for t in TEXTS][:RAY_RESUME_ROWS]
+    src = write_input(tmp_path / "in.jsonl", texts)
+    out = tmp_path / "out.parquet"
+    cmd = cli("predict", "--input", str(src), "--output", str(out), "--model", str(tiny_model_dir), "--backend",
+              "torch", "--chunk-size", "20", "--batch-size", "4", "--ray", "--actors", "1", "--cpus-per-actor", "1",
+              "--id-column", "id")
+    ray_tmp = f"/tmp/rt-{uuid.uuid4().hex[:8]}"  # Ray's sockets need a short path
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.monotonic() + 240
+        while not any(p.is_file() for p in checkpoint_dir(out).rglob("*")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()  # still running: not done before the first commit
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and "run the same command again to resume" in err, err[-3000:]
+        first = {p.name for p in partial_dir(out).glob("*.parquet")}
+        assert first and not out.exists()
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout)
+    assert summary["resumed"] and "Resuming" in again.stderr and summary["rows"] == len(texts)
+    assert first & {p.name for p in out.glob("*.parquet")}  # rows of the first run were kept, not scored again
+    assert not partial_dir(out).exists() and not checkpoint_dir(out).exists()
+    score_file(src, tmp_path / "whole.parquet", tiny_model_dir, backend="torch", device="cpu", chunk_rows=20,
+               batch_size=4)
+    got, want = pq.read_table(out).sort_by("id"), pq.read_table(tmp_path / "whole.parquet")
+    assert got.column("id").to_pylist() == want.column("id").to_pylist()  # each row once: none lost, none twice
+    assert got.column("label").to_pylist() == want.column("label").to_pylist()
+    np.testing.assert_allclose(got.column("score").to_numpy(), want.column("score").to_numpy(), atol=1e-6)
 
 
 # --- the `score` stage (slow: dvc and papermill in a copy of the repo) ----------------------------------------------
