@@ -174,14 +174,14 @@ def table(rows: list[dict], cols: list[str] = RESULT_COLUMNS) -> str:
     return "\n".join([line(cols), line(["-" * w for w in widths]), *map(line, cells)])
 
 
-def run_serve(args, model: Path, sentences: list[str]) -> list[dict]:
+def run_serve(args, model: Path, sentences: list[str], log_features: bool = True) -> list[dict]:
     "Start the Ray Serve app on the loopback, load it at each level, stop it."
     from sentiment_nb.config import load_params
     from sentiment_nb.serve.server import start_server, stop_server
 
     over = {"serve.model": str(model), "serve.host": "127.0.0.1", "serve.port": free_port(),
             "serve.num_replicas": args.replicas, "serve.autoscaling": False, "serve.num_cpus": args.cpus,
-            "serve.max_queued_requests": -1}
+            "serve.max_queued_requests": -1, "serve.log_features": log_features}
     if args.threads is not None:
         over["serve.intra_op_threads"] = args.threads
     if args.haproxy:
@@ -204,6 +204,7 @@ def run_serve(args, model: Path, sentences: list[str]) -> list[dict]:
               f"max_batch_size {mbs}, batch_wait_timeout_s {settings.serve.batch_wait_timeout_s}", flush=True)
         name = f"serve:{args.backend}" if args.backend else "serve"
         name += "+haproxy" if args.haproxy else ""
+        name += "" if log_features else ":no-monitoring"
         return bench(name, url, sentences, args.concurrency, args.requests, args.duration, args.warmup)
     finally:
         stop_server()
@@ -263,6 +264,19 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def monitor_cost(summary: list[dict]) -> list[str]:
+    "What monitoring costs, from the medians of the app with and without it: throughput at 32, p50 at 1."
+    by = {(s["server"].endswith(":no-monitoring"), s["concurrency"]): s for s in summary}
+    out = []
+    for c in sorted({c for _, c in by}):
+        on, off = by.get((False, c)), by.get((True, c))
+        if on and off and off["throughput_rps"] and on["p50_ms"] is not None and off["p50_ms"] is not None:
+            out.append(f"monitoring at concurrency {c}: throughput {on['throughput_rps']} vs {off['throughput_rps']} "
+                       f"req/s ({on['throughput_rps'] / off['throughput_rps'] - 1:+.1%}), p50 {on['p50_ms']} vs "
+                       f"{off['p50_ms']} ms ({on['p50_ms'] - off['p50_ms']:+.2f} ms)")
+    return out
+
+
 # The speed targets of issue #4, for the torch backend, on medians over rounds.
 MAX_C1_P50_RATIO, MIN_C32_THROUGHPUT_RATIO, MAX_C32_P99_MS = 1.5, 2.0, 1000.0
 
@@ -315,6 +329,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3,
                    help="run both servers this many times, alternating which goes first, and report medians "
                         "(default: %(default)s); this machine's speed drifts by tens of percent over minutes")
+    p.add_argument("--monitor-cost", action="store_true",
+                   help="instead of the baseline, the same Serve app with serve.log_features off: what the per-text "
+                        "features and the drift gauges cost (targets: at most 5%% of throughput at 32, 1 ms of p50 at 1)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("_baseline", nargs="?", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
@@ -342,13 +359,16 @@ def main(argv=None) -> int:
           flush=True)
     rows = []
     servers = [name for name in ("serve", "baseline") if args.only in (None, name)]
+    if args.monitor_cost:
+        servers = ["serve", "serve:no-monitoring"]
+    runs = {"serve": run_serve, "baseline": run_baseline_server,
+            "serve:no-monitoring": lambda *a: run_serve(*a, log_features=False)}
     for r in range(args.rounds):
         # Alternate which server goes first, so a machine that drifts over minutes weighs on both alike.
         for name in servers if r % 2 == 0 else servers[::-1]:
             if args.rounds > 1:
                 print(f"round {r + 1} of {args.rounds}: {name}", flush=True)
-            run = run_serve if name == "serve" else run_baseline_server
-            rows += [{**row, "round": r + 1} for row in run(args, model, sentences)]
+            rows += [{**row, "round": r + 1} for row in runs[name](args, model, sentences)]
 
     print()
     print(table(rows, (["round"] if args.rounds > 1 else []) + RESULT_COLUMNS))
@@ -362,6 +382,8 @@ def main(argv=None) -> int:
             print(f"{s['server']} / baseline at concurrency {s['concurrency']}: p50 {s['p50_ratio']}x "
                   f"(by round: {s['p50_ratios']}), throughput {s['throughput_ratio']}x "
                   f"(by round: {s['throughput_ratios']})", flush=True)
+    if args.monitor_cost:
+        print("\n" + "\n".join(monitor_cost(summary)))
     checks = target_checks(summary)
     if checks:
         print("\nspeed targets (set for the torch backend; medians over rounds):", *checks, sep="\n  ")

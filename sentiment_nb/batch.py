@@ -5,7 +5,6 @@
 # %% ../nbs/12_batch.ipynb #00689b49
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,13 +16,13 @@ import numpy as np
 import pyarrow as pa
 
 from .config import MAX_ACCURACY_DROP
-from .model_dir import check_model_dir
+from .model_dir import check_model_dir, model_version  # model_version: used here, kept importable from batch
 from .predict import BasePredictor, load_predictor, select_backend
 
 # %% auto #0
 __all__ = ['FORMATS', 'SUFFIXES', 'TXT_COLUMN', 'ON_ERROR', 'BatchError', 'file_format', 'text_problem', 'csv_names',
-           'csv_convert_options', 'read_chunks', 'count_rows', 'added_columns', 'model_version', 'score_table',
-           'partial_dir', 'rejects_path', 'check_input', 'check_output', 'score_file']
+           'csv_convert_options', 'read_chunks', 'count_rows', 'added_columns', 'score_table', 'partial_dir',
+           'rejects_path', 'check_input', 'check_output', 'score_file']
 
 # %% ../nbs/12_batch.ipynb #0f6ad6a0
 FORMATS = ("jsonl", "csv", "parquet", "txt")
@@ -232,18 +231,6 @@ def count_rows(path) -> int | None:
 def added_columns(labels, prefix: str = "") -> list[str]:
     "The columns scoring adds, in order: `label`, `score`, `prob_<label>` for each label, `model_version`, `backend`."
     return [prefix + c for c in ("label", "score", *(f"prob_{lab}" for lab in labels), "model_version", "backend")]
-
-
-def model_version(model_dir) -> str:
-    "`sha256:` and 16 hex digits of the model's weights (its safetensors files): the same weights, the same version."
-    folder = check_model_dir(model_dir)
-    h = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.safetensors.index.json")):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 22):
-                h.update(block)
-    return "sha256:" + h.hexdigest()[:16]
 
 
 def score_table(table: pa.Table, predictor: BasePredictor, text_column: str = "text", errors: dict | None = None,

@@ -17,8 +17,9 @@ from . import __version__
 from .config import BACKEND_CHOICES, MAX_ACCURACY_DROP
 
 # %% auto #0
-__all__ = ['EXIT_USAGE', 'EXIT_SERVER_GONE', 'WATCH_INTERVAL_S', 'build_parser', 'read_texts', 'default_model_dir', 'cmd_predict',
-           'cmd_predict_file', 'serve_settings', 'cmd_serve', 'cmd_info', 'main']
+__all__ = ['EXIT_USAGE', 'EXIT_SERVER_GONE', 'WATCH_INTERVAL_S', 'build_parser', 'add_monitor_commands', 'read_texts',
+           'default_model_dir', 'cmd_predict', 'cmd_predict_file', 'serve_settings', 'cmd_serve', 'cmd_info',
+           'default_log_dir', 'cmd_monitor', 'cmd_reference', 'main']
 
 # %% ../nbs/11_cli.ipynb #e2b4036d
 def _positive_int(s: str) -> int:
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run on Ray Data (also when $RAY_ADDRESS is set): ray.address, else a local Ray")
     fm.add_argument("--actors", type=_positive_int, default=None, help="Ray Data actors (default: score.num_actors, 2)")
     fm.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs per actor (default: score.num_cpus, 1)")
+    fm.add_argument("--id-column", default=None, help="with --ray: the column of unique row ids; a stopped job then "
+                    "resumes by them (default: score.id_column; none: it starts over)")
     fm.add_argument("--params", default=None, help="params file (default: $SENTIMENT_NB_PARAMS, else the nearest "
                     "params.yaml, else the built-in defaults)")
 
@@ -96,7 +99,37 @@ def build_parser() -> argparse.ArgumentParser:
                                      "versions, git revision, device, and the resolved params of the params file.")
     inf.add_argument("--params", default=None, help="params file (default: $SENTIMENT_NB_PARAMS, else the nearest "
                      "params.yaml; without one, the record has no params)")
+    add_monitor_commands(sub)
     return p
+
+
+def add_monitor_commands(sub) -> None:
+    "The `monitor` and `reference` subcommands (see the monitor chapter)."
+    mo = sub.add_parser("monitor", help="compare served traffic with the model's reference: drift or not",
+                        description="Compare a window of served traffic (the server's request logs, or a traffic file) "
+                                    "with the reference of the model that served it, with Evidently. Prints the verdict "
+                                    "and writes report.html, summary.json and signals.csv. Exit status: 0 no drift, "
+                                    "1 drift, 3 window too small to judge, 2 usage error.")
+    where = mo.add_mutually_exclusive_group()
+    where.add_argument("--logs", default=None, help="the server's Serve log folder (default: the local Ray's latest "
+                       "session, <Ray temp>/session_latest/logs/serve)")
+    where.add_argument("--traffic", default=None, help="a traffic file instead: .jsonl, .csv or .parquet with a text column")
+    mo.add_argument("--model", default=None, help="the model folder that served the traffic (default: serve.model)")
+    mo.add_argument("--text-column", default=None, help="column of sentences in --traffic (default: monitor.text_column)")
+    mo.add_argument("--window", type=_positive_int, default=None, help="compare the last N texts (default: monitor.window, "
+                    "0: all)")
+    mo.add_argument("--model-version", default=None, help="traffic of several models: compare this one's (sha256:...)")
+    mo.add_argument("--out", default=None, help="folder for report.html, summary.json, signals.csv (default: monitor.output)")
+    mo.add_argument("--params", default=None, help="params file (default: $SENTIMENT_NB_PARAMS, else the nearest "
+                    "params.yaml, else the built-in defaults)")
+    rf = sub.add_parser("reference", help="write a model's reference profile, which `monitor` compares traffic with",
+                        description="Profile the test split with the model and save it in the model folder as "
+                                    "reference.parquet. The export stage does it; run this for a model exported before.")
+    rf.add_argument("--model", default=None, help="the model folder (default: serve.model)")
+    rf.add_argument("--data", default=None, help="the prepared data folder (its test split; default: paths.prepared), or "
+                    "a .jsonl, .csv or .parquet file with a `text` column")
+    rf.add_argument("--params", default=None, help="params file (default: $SENTIMENT_NB_PARAMS, else the nearest "
+                    "params.yaml, else the built-in defaults)")
 
 # %% ../nbs/11_cli.ipynb #93683bc0
 EXIT_USAGE = 2  # a user error: the message says what to change
@@ -152,6 +185,7 @@ def cmd_predict_file(args) -> int:
         return _fail("give either TEXTs or --input FILE, not both.")
     if args.input is None or args.output is None:
         return _fail("--input needs --output." if args.output is None else "--output needs --input.")
+    resumable = True  # whether an interrupted run resumes when run again
     try:
         settings = load_params(args.params, missing_ok=True)
         sp = settings.score
@@ -161,6 +195,7 @@ def cmd_predict_file(args) -> int:
                       prefix=sp.prefix if args.prefix is None else args.prefix, on_error=args.on_error or sp.on_error,
                       overwrite=args.overwrite, max_accuracy_drop=settings.serve.max_accuracy_drop)
         use_ray = bool(args.ray or sp.ray or os.environ.get("RAY_ADDRESS"))
+        resumable = not use_ray or bool(args.id_column or sp.id_column)  # Ray Data resumes by row ids
         previous = _install_signal_handlers()  # SIGTERM too: the finished chunks stay, a rerun resumes
         try:
             if use_ray:
@@ -169,6 +204,7 @@ def cmd_predict_file(args) -> int:
 
                 summary = score_with_ray(args.input, args.output, model, num_actors=args.actors or sp.num_actors,
                                          cpus_per_actor=args.cpus_per_actor or sp.num_cpus,
+                                         id_column=args.id_column or sp.id_column,
                                          address=settings.ray.address, **common)
             else:
                 from sentiment_nb.batch import score_file
@@ -180,8 +216,9 @@ def cmd_predict_file(args) -> int:
     except (ModelDirError, ParamsError, ValueError) as e:  # BatchError is a ValueError
         return _fail(e)
     except KeyboardInterrupt as e:
-        print(f"sentiment-nb: interrupted ({e or 'SIGINT'}); the chunks already scored are kept: run the same "
-              "command again to resume.", file=sys.stderr, flush=True)
+        kept = ("the rows already scored are kept: run the same command again to resume" if resumable
+                else "a Ray job without --id-column starts over when run again")
+        print(f"sentiment-nb: interrupted ({e or 'SIGINT'}); {kept}.", file=sys.stderr, flush=True)
         return 130
     print(json.dumps(summary, indent=2))
     return 0
@@ -268,6 +305,53 @@ def cmd_info(args) -> int:
     print(json.dumps(environment_info(settings if settings.source else None), indent=2))  # no file: no params
     return 0
 
+# %% ../nbs/11_cli.ipynb #8de49fbc
+def default_log_dir() -> Path:
+    "The Serve log folder of the local Ray's latest session: where `sentiment-nb serve` writes its request logs."
+    from ray._common.utils import get_default_ray_temp_dir
+
+    from sentiment_nb.config import ray_temp_dir
+
+    return Path(ray_temp_dir() or get_default_ray_temp_dir()) / "session_latest" / "logs" / "serve"
+
+
+def cmd_monitor(args) -> int:
+    "`monitor`: compare a window of traffic with the model's reference; print the verdict, exit with it."
+    from sentiment_nb.config import ParamsError, load_params
+    from sentiment_nb.model_dir import ModelDirError
+    from sentiment_nb.monitor import EXIT_CODES, MonitorError, run_monitor, verdict_text
+
+    try:
+        settings = load_params(args.params, missing_ok=True)
+        mp = settings.monitor
+        out = Path(args.out) if args.out else settings.resolve(mp.output)
+        summary = run_monitor(args.model or settings.resolve(settings.serve.model), out,
+                              logs=None if args.traffic else (args.logs or default_log_dir()), traffic=args.traffic,
+                              text_column=args.text_column or mp.text_column,
+                              window=mp.window if args.window is None else args.window, version=args.model_version)
+    except (MonitorError, ModelDirError, ParamsError) as e:
+        return _fail(e)
+    print(verdict_text(summary))
+    print(f"\nreport: {out / 'report.html'}\nsummary: {out / 'summary.json'}")
+    return EXIT_CODES[summary["verdict"]]
+
+
+def cmd_reference(args) -> int:
+    "`reference`: profile the test split with the model; save it in the model folder."
+    from sentiment_nb.config import ParamsError, load_params
+    from sentiment_nb.model_dir import ModelDirError
+    from sentiment_nb.monitor import MonitorError, read_texts, write_reference
+
+    try:
+        settings = load_params(args.params, missing_ok=True)
+        model = args.model or settings.resolve(settings.serve.model)
+        texts = read_texts(args.data or settings.path("prepared"))
+        path = write_reference(model, texts, settings.serve.backend, settings.serve.max_accuracy_drop)
+    except (MonitorError, ModelDirError, ParamsError) as e:
+        return _fail(e)
+    print(f"wrote {path}: {len(texts)} sentences")
+    return 0
+
 # %% ../nbs/11_cli.ipynb #b29be80a
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `sentiment-nb` command; returns the exit status."
@@ -276,4 +360,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "predict" and not args.texts and args.input is None and args.output is None:
         parser.error("predict needs TEXTs, `-` to read them from stdin, or --input FILE --output FILE")
-    return {"predict": cmd_predict, "serve": cmd_serve, "info": cmd_info}[args.command](args)
+    commands = {"predict": cmd_predict, "serve": cmd_serve, "info": cmd_info, "monitor": cmd_monitor,
+                "reference": cmd_reference}
+    return commands[args.command](args)

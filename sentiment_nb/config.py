@@ -17,9 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # %% auto #0
 __all__ = ['LRScheduler', 'Backend', 'BACKENDS', 'BACKEND_CHOICES', 'MAX_ACCURACY_DROP', 'MOVED_KEYS', 'PARAMS_ENV',
            'AF_UNIX_PATH_MAX', 'RAY_SOCKET_TAIL', 'RECORDED_PACKAGES', 'DataParams', 'ModelParams', 'TrainParams',
-           'RayParams', 'EvaluateParams', 'ServeParams', 'ScoreParams', 'PathsParams', 'Params', 'ParamsError',
-           'find_params_file', 'parse_override', 'Settings', 'load_params', 'seed_everything', 'pick_device',
-           'RayTempDirError', 'ray_socket_fits', 'short_ray_dir', 'ray_temp_dir', 'git_revision', 'environment_info']
+           'RayParams', 'EvaluateParams', 'ServeParams', 'ScoreParams', 'MonitorParams', 'PathsParams', 'Params',
+           'ParamsError', 'find_params_file', 'parse_override', 'Settings', 'load_params', 'seed_everything',
+           'pick_device', 'RayTempDirError', 'ray_socket_fits', 'short_ray_dir', 'ray_temp_dir', 'git_revision',
+           'environment_info']
 
 # %% ../nbs/00_config.ipynb #dc910d41
 class _Section(BaseModel):
@@ -117,6 +118,8 @@ class ServeParams(_Section):
     max_chars: int = Field(2000, ge=1)  # per text
     max_texts: int = Field(64, ge=1)  # per request
     log_text: bool = False  # request logs keep the raw text only when true
+    log_features: bool = True  # request logs keep per-text features (no text) for `sentiment-nb monitor`, and gauges
+    monitor_window: int = Field(1000, ge=1)  # answers in the live drift gauges' rolling window (per ingress replica)
     backend: Literal[BACKEND_CHOICES] = "auto"  # auto: fastest within max_accuracy_drop of torch
     max_accuracy_drop: float = Field(MAX_ACCURACY_DROP, ge=0)  # test accuracy points `auto` may give up for speed
     intra_op_threads: int = Field(0, ge=0)  # per replica; 0: one per CPU the replica reserves (at least 1)
@@ -144,6 +147,15 @@ class ScoreParams(_Section):
     ray: bool = False  # run on Ray Data (ray.address, else $RAY_ADDRESS, else a local Ray)
     num_actors: int = Field(2, ge=1)  # Ray Data actors, each loading the model once
     num_cpus: float = Field(1.0, gt=0)  # per Ray Data actor
+    id_column: str | None = None  # with ray: the column of unique row ids a stopped job resumes by; None: starts over
+
+
+class MonitorParams(_Section):
+    "Drift monitoring: `sentiment-nb monitor` and the `monitor` stage (see the monitor chapter)."
+    traffic: str | None = None  # the `monitor` stage's traffic capture (.jsonl, .csv, .parquet; DVC-tracked); None: none yet
+    text_column: str = "text"  # the column of sentences in a traffic capture
+    window: int = Field(0, ge=0)  # compare the last `window` texts; 0: all of them
+    output: str = "reports/monitor"  # the stage's folder: report.html, summary.json, signals.csv
 
 # %% ../nbs/00_config.ipynb #3e416ebe
 class PathsParams(_Section):
@@ -168,6 +180,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     serve: ServeParams = ServeParams()
     score: ScoreParams = ScoreParams()
+    monitor: MonitorParams = MonitorParams()
     paths: PathsParams = PathsParams()
 
 # %% ../nbs/00_config.ipynb #72f7369f

@@ -5,12 +5,13 @@
 # %% ../nbs/01_model_dir.ipynb #cea1d177
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['LABEL_NAMES', 'WEIGHTS_FILES', 'TOKENIZER_FILES', 'MODEL_DIR_HELP', 'ONNX_FILES', 'ONNX_SUBDIR', 'ModelDirError',
-           'check_model_dir']
+__all__ = ['LABEL_NAMES', 'WEIGHTS_FILES', 'TOKENIZER_FILES', 'MODEL_DIR_HELP', 'ONNX_FILES', 'ONNX_SUBDIR', 'REFERENCE_FILE',
+           'ModelDirError', 'check_model_dir', 'model_version']
 
 # %% ../nbs/01_model_dir.ipynb #766ecce1
 LABEL_NAMES = ("negative", "positive")  # label 0, label 1
@@ -49,3 +50,18 @@ def check_model_dir(path: str | os.PathLike) -> Path:
                             f"It must be saved with `model.save_pretrained` and `tokenizer.save_pretrained`. "
                             + MODEL_DIR_HELP)
     return p
+
+# %% ../nbs/01_model_dir.ipynb #486f0411
+REFERENCE_FILE = "reference.parquet"  # in the model folder: the test split's features and answers (monitor)
+
+
+def model_version(model_dir) -> str:
+    "`sha256:` and 16 hex digits of the model's weights (its safetensors files): the same weights, the same version."
+    folder = check_model_dir(model_dir)
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.safetensors.index.json")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    return "sha256:" + h.hexdigest()[:16]

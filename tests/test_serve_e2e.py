@@ -4,6 +4,7 @@ One module-scoped server serves every test here (a Ray start-up costs 20-40 s on
 tiny, so that a burst of requests overloads it; the other tests send one request at a time. At teardown, every Ray
 process that the server started (raylet, gcs_server and the workers under them) must be gone.
 """
+import json
 import os
 import shutil
 import signal
@@ -319,6 +320,39 @@ def test_requests_are_logged_as_records_without_their_text(server):
     assert rec["group_requests"] == 1  # it found no call to the model in flight, so it went alone
     logged = "".join(p.read_text() for p in log_dir().glob("replica_*.log"))
     assert secret not in logged  # serve.log_text is off: no raw text in the logs
+
+
+def test_monitor_reads_the_servers_own_logs_and_tells_drift_from_none(server, tiny_model_dir, tmp_path, capsys):
+    "Traffic like the reference, then shifted traffic, each a bounded loopback batch; `monitor` on the server's logs."
+    import numpy as np
+
+    from sentiment_nb.cli import main
+    from sentiment_nb.monitor import write_reference
+    from sentiment_nb.serve.server import log_dir
+
+    model = tmp_path / "model"  # the served weights, with the reference of the fixture sentences (as `export` writes)
+    shutil.copytree(tiny_model_dir, model)
+    reference = fixture_texts()
+    write_reference(model, reference, backend="torch")
+    rng = np.random.default_rng(0)
+    like = [reference[i] for i in rng.integers(0, len(reference), 256)]
+    shifted = [f"the {w} firmware of this router bricked overnight ; refund requested twice , no reply"[:SERVE["max_chars"]]
+               for w in ("cheap", "new", "latest", "wireless")] * 64
+    verdicts = []
+    for phase, texts in (("like", like), ("shifted", shifted)):
+        logged = len(wait_records(lambda r: "per_text" in r, n=0))
+        for start in range(0, len(texts), SERVE["max_texts"]):
+            assert post(server, {"texts": texts[start:start + SERVE["max_texts"]]}).status_code == 200
+        wait_records(lambda r: "per_text" in r, n=logged + len(texts) // SERVE["max_texts"])
+        code = main(["monitor", "--logs", str(log_dir()), "--model", str(model), "--window", str(len(texts)),
+                     "--out", str(tmp_path / phase)])
+        verdicts.append((code, json.loads((tmp_path / phase / "summary.json").read_text())))
+    capsys.readouterr()
+    (like_code, like_summary), (shifted_code, shifted_summary) = verdicts
+    assert (like_code, like_summary["verdict"], like_summary["window"]) == (0, "no drift", 256), like_summary["signals"]
+    assert (shifted_code, shifted_summary["verdict"]) == (1, "drift")
+    assert {"n_tokens", "split_share"} <= set(shifted_summary["drifted"]), shifted_summary["drifted"]
+    assert not like_summary["with_text"]  # serve.log_text is off: the features alone
 
 
 # --- an ONNX replica, as `serve.backend: auto` picks it -------------------------------------------------------------

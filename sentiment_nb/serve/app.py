@@ -6,8 +6,9 @@
 __all__ = ['APP_NAME', 'MAX_BUSY_WAIT_S', 'INGRESS_CPUS', 'CPU_FORWARD_BATCH', 'PROBE_TEXT', 'app', 'HEALTH_TIMEOUT_S', 'BUILDER',
            'merge_batch', 'split_batch', 'BatchPace', 'model_replicas_per_ingress', 'deployment_options',
            'ingress_grouping', 'replica_threads', 'forward_batch_size', 'resolve_backend', 'each_alone', 'raised',
-           'load_on_thread', 'ForwardThread', 'SentimentModel', 'ingress_body_limit', 'internal_error', 'ModelCalls',
-           'SentimentAPI', 'resolve_settings', 'build_app', 'serve_config', 'write_serve_config']
+           'load_on_thread', 'answer_with_features', 'ForwardThread', 'SentimentModel', 'ingress_body_limit',
+           'internal_error', 'ModelCalls', 'SentimentAPI', 'reference_signals', 'resolve_settings', 'build_app',
+           'serve_config', 'write_serve_config']
 
 # %% ../../nbs/09_serve_app.ipynb #7783856c
 import asyncio
@@ -26,6 +27,8 @@ from sentiment_nb.serve.api import (  # absolute, and first: nbdev makes the one
     BatchPrediction,
     Prediction,
     PredictRequest,
+    RollingSignals,
+    SignalGauges,
     logger,
     make_api,
     max_body_bytes,
@@ -36,7 +39,8 @@ from sentiment_nb.serve.api import (  # absolute, and first: nbdev makes the one
 
 from .. import __version__
 from ..config import ParamsError, ServeParams, Settings, load_params
-from ..model_dir import ONNX_FILES, check_model_dir
+from ..features import text_features
+from ..model_dir import ONNX_FILES, REFERENCE_FILE, check_model_dir, model_version
 
 APP_NAME = "sentiment"  # the Serve application: its replicas' log files and process titles carry the name
 
@@ -184,24 +188,36 @@ def load_on_thread(thread, model_dir: str, backend: str, sp: ServeParams):
     return predictor
 
 # %% ../../nbs/09_serve_app.ipynb #b7932089
+def answer_with_features(predictor, texts: list[str]) -> list[dict]:
+    "The predictor's results for `texts`, each with what the monitor compares: its `features` (no text)."
+    results = predictor.predict(texts)
+    features = text_features(predictor.tokenizer, texts)
+    for k, r in enumerate(results):
+        r["features"] = {name: values[k] for name, values in features.items()}
+    return results
+
+
 class ForwardThread:
     "The model of `model_dir` on `backend`, loaded, warmed up and run on a thread of its own."
 
     def __init__(self, model_dir: str, backend: str, settings: ServeParams):
         from concurrent.futures import ThreadPoolExecutor
+        from functools import partial
 
         self.forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self.predictor = load_on_thread(self.forward_thread, model_dir, backend, settings)
+        self.answer = partial(answer_with_features, self.predictor) if settings.log_features else self.predictor.predict
+        self.identity = {"model_version": model_version(model_dir), "backend": self.predictor.backend}  # logged
 
     async def forward(self, texts: list[str]) -> list[dict]:
-        return await asyncio.get_running_loop().run_in_executor(self.forward_thread, self.predictor.predict, texts)
+        return await asyncio.get_running_loop().run_in_executor(self.forward_thread, self.answer, texts)
 
     async def forward_alone(self, texts: list[str]) -> dict:
         "One request's results, run by themselves."
         t0 = time.perf_counter()
         results = await self.forward(texts)
         return {"results": results, "batch_requests": 1, "batch_texts": len(texts),
-                "model_ms": round((time.perf_counter() - t0) * 1000, 2)}
+                "model_ms": round((time.perf_counter() - t0) * 1000, 2), **self.identity}
 
     async def health(self) -> dict:
         out = await self.forward([PROBE_TEXT])  # past the batch queue: see above
@@ -236,7 +252,8 @@ class SentimentModel(ForwardThread):
             self.predict_batch.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
         model_s = time.perf_counter() - t0
         self.pace.update(len(texts), model_s)
-        info = {"batch_requests": len(requests), "batch_texts": len(texts), "model_ms": round(model_s * 1000, 2)}
+        info = {"batch_requests": len(requests), "batch_texts": len(texts), "model_ms": round(model_s * 1000, 2),
+                **self.identity}
         return [{"results": r, **info} for r in split_batch(results, order, requests)]
 
     async def predict(self, texts: list[str]) -> dict:
@@ -313,9 +330,10 @@ class ModelCalls:
 class SentimentAPI(ModelCalls):
     "HTTP front: checks requests, sends them to the model deployment, shapes, logs and counts the answers."
 
-    def __init__(self, model, settings: ServeParams):
+    def __init__(self, model, settings: ServeParams, reference: dict[str, float]):
         super().__init__(model, settings)
         self.settings, self.counters = settings, app.state.counters
+        self.signals, self.gauges = RollingSignals(settings.monitor_window), SignalGauges(reference)  # drift gauges
         self.max_body_bytes = max_body_bytes(settings.max_texts, settings.max_chars)  # see `ingress_body_limit`
 
     @app.post("/predict", response_model=Prediction | BatchPrediction, responses=ERROR_RESPONSES,
@@ -335,6 +353,8 @@ class SentimentAPI(ModelCalls):
             return internal_error(e, len(texts), t0)
         for label, n in Counter(r["label"] for r in out["results"]).items():
             self.counters.count("predictions", "label", label, n)
+        if self.settings.log_features:
+            self.gauges.publish(self.signals.observe(out["results"]))
         logger.info(json.dumps(request_log(texts, out["results"], (time.perf_counter() - t0) * 1000, out,
                                            self.settings.log_text)))
         return shape_response(body, out["results"])
@@ -351,6 +371,24 @@ class SentimentAPI(ModelCalls):
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index(self):
         return HTMLResponse(INDEX_HTML)
+
+# %% ../../nbs/09_serve_app.ipynb #abd87340
+def reference_signals(model_dir) -> dict[str, float]:
+    "The means of the live signals over the model's reference (`REFERENCE_FILE`); {} if the folder has none."
+    import pyarrow.parquet as pq
+
+    path = Path(model_dir) / REFERENCE_FILE
+    if not path.is_file():
+        logger.warning(json.dumps({"event": "no_reference", "model_dir": str(model_dir), "fix":
+                                   f"sentiment-nb reference --model {model_dir}: without it, no reference gauges"}))
+        return {}
+    labels = json.loads((Path(model_dir) / "config.json").read_text())["id2label"].values()
+    rows = pq.read_table(path, columns=["label", "confidence", "n_tokens", "unk_share", "split_share"]).to_pylist()
+    answers = [{"label": r["label"], "score": r["confidence"], "probabilities": dict.fromkeys(labels, 0.0),
+                "features": {k: r[k] for k in ("n_tokens", "unk_share", "split_share")}} for r in rows]
+    means = RollingSignals(max(len(answers), 1)).observe(answers)
+    means.pop("window_texts", None)
+    return means
 
 # %% ../../nbs/09_serve_app.ipynb #62ba0e6c
 def resolve_settings(args: Settings | dict | None = None) -> Settings:
@@ -371,7 +409,7 @@ def build_app(args: Settings | dict | None = None):
     logger.info(json.dumps({"event": "backend", "asked": sp.backend, "backend": backend, "why": reason}))
     model_options, ingress_options = deployment_options(sp)
     model = SentimentModel.options(**model_options).bind(model_dir=str(model_dir), backend=backend, settings=sp)
-    return SentimentAPI.options(**ingress_options).bind(model=model, settings=sp)
+    return SentimentAPI.options(**ingress_options).bind(model=model, settings=sp, reference=reference_signals(model_dir))
 
 # %% ../../nbs/09_serve_app.ipynb #306bab96
 BUILDER = "sentiment_nb.serve.app:build_app"
