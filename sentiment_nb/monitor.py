@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -241,11 +242,13 @@ def compare(reference: pd.DataFrame, current: pd.DataFrame, with_text: bool | No
         with_text = "text" in current and "text" in reference and current["text"].notna().all()
     preset, definition, descriptors, alpha = _drift_preset(current, with_text)
     keep = [*SIGNALS, *(["text"] if with_text else [])]
-    snapshot = Report([preset]).run(
-        current_data=Dataset.from_pandas(current[keep].reset_index(drop=True), data_definition=definition,
-                                         descriptors=descriptors),
-        reference_data=Dataset.from_pandas(reference[keep].reset_index(drop=True), data_definition=definition,
-                                           descriptors=descriptors))
+    with warnings.catch_warnings():  # numpy warns on a constant column (unk_share is often all zeros): not an error
+        warnings.simplefilter("ignore", RuntimeWarning)
+        snapshot = Report([preset]).run(
+            current_data=Dataset.from_pandas(current[keep].reset_index(drop=True), data_definition=definition,
+                                             descriptors=descriptors),
+            reference_data=Dataset.from_pandas(reference[keep].reset_index(drop=True), data_definition=definition,
+                                               descriptors=descriptors))
     signals = []
     for metric in snapshot.dict()["metrics"]:
         config, value = metric["config"], metric["value"]
