@@ -502,6 +502,11 @@ def test_ray_resume_needs_an_id_column_that_exists(tmp_path, tiny_model_dir):
     assert "--id-column" in str(e.value) and not (tmp_path / "out.parquet").exists()
 
 
+def committed(folder: Path) -> list[Path]:
+    "Ray Data's committed checkpoint files in `folder` (its 2-phase commit first writes `<id>.pending.parquet`)."
+    return [p for p in folder.glob("*.parquet") if not p.name.endswith(".pending.parquet")] if folder.is_dir() else []
+
+
 @pytest.mark.slow  # two local Ray starts
 def test_a_stopped_ray_job_resumes_by_its_id_column(tmp_path, tiny_model_dir):
     import shutil
@@ -520,7 +525,7 @@ def test_a_stopped_ray_job_resumes_by_its_id_column(tmp_path, tiny_model_dir):
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         deadline = time.monotonic() + 240
-        while not any(p.is_file() for p in checkpoint_dir(out).rglob("*")) and time.monotonic() < deadline:
+        while not committed(checkpoint_dir(out)) and time.monotonic() < deadline:
             assert proc.poll() is None, proc.communicate()  # still running: not done before the first commit
             time.sleep(0.02)
         proc.send_signal(signal.SIGINT)  # Ctrl-C

@@ -306,7 +306,8 @@ def ingress_with(answer):
     "The ingress class as written (under Serve's ASGI wrapper), its model calls answered by `answer`."
     ingress_class = SentimentAPI.func_or_class.__mro__[1]
     api = ingress_class.__new__(ingress_class)
-    ingress_class.__init__(api, Handle(answer), ServeParams(max_batch_size=8, max_ongoing_requests=8))  # groups of 8, one at a time
+    ingress_class.__init__(api, Handle(answer), ServeParams(max_batch_size=8, max_ongoing_requests=8),  # groups of 8,
+                           reference={})  # one at a time; no reference gauges
     return api
 """
 
