@@ -410,6 +410,9 @@ try:
 except BatchError as e:
     result["fail"] = str(e)
 result["skip"] = score_with_ray(args["bad"], args["out_skip"], args["torch_model"], backend="torch", **common)
+# URIs in and out, as s3:// or gs:// would be: Ray Data and pyarrow open them, and the output is written in place
+result["uri"] = score_with_ray("file://" + args["bad"], "file://" + args["out_uri"], args["torch_model"],
+                               backend="torch", **common)
 ray.shutdown()
 print("RESULT " + json.dumps(result))
 '''
@@ -431,7 +434,7 @@ def ray_run(tiny_model_dir, tmp_path_factory):
     args = {"input": str(write_input(tmp / "in.jsonl", texts)), "csv": str(write_input(tmp / "in.csv", texts)),
             "bad": str(bad), "onnx_model": str(exported), "torch_model": str(tiny_model_dir),
             "temp_dir": f"/tmp/ray-{uuid.uuid4().hex[:8]}"}
-    for name in ("onnx", "torch", "csv", "fail", "skip"):
+    for name in ("onnx", "torch", "csv", "fail", "skip", "uri"):
         args[f"out_{name}"] = str(tmp / f"out_{name}.parquet")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
@@ -490,6 +493,17 @@ def test_ray_bad_rows_keep_a_reason_or_stop_the_job(ray_run):
                        {"row": 4, "column": "text", "reason": "no text (missing or null)"},
                        {"row": 5, "column": "text", "reason": "no text (missing or null)"}]
     assert result["skip"]["rejects_file"] == str(rejects_path(Path(args["out_skip"])))
+
+
+@pytest.mark.slow
+def test_ray_reads_and_writes_uris_as_for_object_storage(ray_run):
+    args, result, _, _ = ray_run
+    uri, local = result["uri"], result["skip"]
+    assert uri["output"] == "file://" + args["out_uri"] and (uri["rows"], uri["rejected"]) == (5, 4)
+    assert pq.read_table(args["out_uri"]).equals(pq.read_table(args["out_skip"]))  # the job with local paths
+    assert uri["rejects_file"] == "file://" + str(rejects_path(Path(args["out_uri"])))
+    assert rejects_path(Path(args["out_uri"])).read_text() == rejects_path(Path(args["out_skip"])).read_text()
+    assert local["rejects_file"] != uri["rejects_file"]
 
 
 def test_ray_resume_needs_an_id_column_that_exists(tmp_path, tiny_model_dir):
