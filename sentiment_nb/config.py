@@ -17,10 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # %% auto #0
 __all__ = ['LRScheduler', 'Backend', 'BACKENDS', 'BACKEND_CHOICES', 'MAX_ACCURACY_DROP', 'MOVED_KEYS', 'PARAMS_ENV',
            'AF_UNIX_PATH_MAX', 'RAY_SOCKET_TAIL', 'RECORDED_PACKAGES', 'DataParams', 'ModelParams', 'TrainParams',
-           'RayParams', 'EvaluateParams', 'ServeParams', 'ScoreParams', 'MonitorParams', 'PathsParams', 'Params',
-           'ParamsError', 'find_params_file', 'parse_override', 'Settings', 'load_params', 'seed_everything',
-           'pick_device', 'RayTempDirError', 'ray_socket_fits', 'short_ray_dir', 'ray_temp_dir', 'git_revision',
-           'environment_info']
+           'RayParams', 'EvaluateParams', 'ServeParams', 'ScoreParams', 'MonitorParams', 'RegistryParams',
+           'PathsParams', 'Params', 'ParamsError', 'find_params_file', 'parse_override', 'Settings', 'load_params',
+           'seed_everything', 'pick_device', 'RayTempDirError', 'ray_socket_fits', 'short_ray_dir', 'ray_temp_dir',
+           'git_revision', 'environment_info']
 
 # %% ../nbs/00_config.ipynb #dc910d41
 class _Section(BaseModel):
@@ -124,6 +124,8 @@ class ServeParams(_Section):
     max_accuracy_drop: float = Field(MAX_ACCURACY_DROP, ge=0)  # test accuracy points `auto` may give up for speed
     intra_op_threads: int = Field(0, ge=0)  # per replica; 0: one per CPU the replica reserves (at least 1)
     haproxy: Literal["auto"] | bool = "auto"  # HAProxy ingress; auto: when host is not a loopback address
+    canary: str | None = None  # a second model (folder, or registry ref name@v1.2.0 / name#stage) beside `model`
+    canary_share: float = Field(0.1, ge=0, le=1)  # the share of requests the canary answers
 
     @field_validator("max_queued_requests")
     @classmethod
@@ -157,6 +159,14 @@ class MonitorParams(_Section):
     window: int = Field(0, ge=0)  # compare the last `window` texts; 0: all of them
     output: str = "reports/monitor"  # the stage's folder: report.html, summary.json, signals.csv
 
+
+class RegistryParams(_Section):
+    "Model versions and stages: GTO tags on the git repo `repo`, files from its DVC remote (see the registry chapter)."
+    artifact: str = "sentiment-classifier"  # the model's name in dvc.yaml's `artifacts:`
+    repo: str = "."  # the registry's git repository: a path (relative to the params file) or a git URL
+    cache: str | None = None  # where fetched versions are kept, one folder each; None: $XDG_CACHE_HOME/sentiment-nb/models
+    tolerance: float = Field(0.5, ge=0)  # test accuracy points a candidate may be below the stage's version and pass the gate
+
 # %% ../nbs/00_config.ipynb #3e416ebe
 class PathsParams(_Section):
     "Where each stage writes; relative paths are relative to the folder of the params file."
@@ -181,6 +191,7 @@ class Params(_Section):
     serve: ServeParams = ServeParams()
     score: ScoreParams = ScoreParams()
     monitor: MonitorParams = MonitorParams()
+    registry: RegistryParams = RegistryParams()
     paths: PathsParams = PathsParams()
 
 # %% ../nbs/00_config.ipynb #72f7369f

@@ -11,7 +11,7 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['LABEL_NAMES', 'WEIGHTS_FILES', 'TOKENIZER_FILES', 'MODEL_DIR_HELP', 'ONNX_FILES', 'ONNX_SUBDIR', 'REFERENCE_FILE',
-           'ModelDirError', 'check_model_dir', 'model_version']
+           'REGISTRY_FILE', 'ModelDirError', 'check_model_dir', 'model_version', 'model_ref']
 
 # %% ../nbs/01_model_dir.ipynb #766ecce1
 LABEL_NAMES = ("negative", "positive")  # label 0, label 1
@@ -65,3 +65,18 @@ def model_version(model_dir) -> str:
             while block := fh.read(1 << 22):
                 h.update(block)
     return "sha256:" + h.hexdigest()[:16]
+
+# %% ../nbs/01_model_dir.ipynb #a29ef53b
+REGISTRY_FILE = "registry.json"  # in a folder fetched from the registry: artifact, version, commit
+
+
+def model_ref(model_dir) -> str:
+    "`<artifact>@<version>` for a folder fetched from the model registry, else the folder's absolute path."
+    import json
+
+    folder = Path(model_dir).expanduser().resolve()
+    try:
+        info = json.loads((folder / REGISTRY_FILE).read_text())
+        return f"{info['artifact']}@{info['version']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return str(folder)

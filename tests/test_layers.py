@@ -26,16 +26,18 @@ ALLOWED = {
     "onnx_export": {"config", "model_dir", "predict"},  # checks its graphs against PyTorch through the predictors
     "evaluate": {"config", "model_dir", "data", "predict", "metrics"},  # scores what will be served, backend by backend
     "serve.api": {"config"},  # the HTTP contract: schemas, errors, body limit, page, the FastAPI app without routes
-    "serve.app": {"config", "model_dir", "predict", "features", "serve.api"},  # the deployments and build_app
+    "registry": {"config", "model_dir"},  # versions and stages (GTO), fetching a version (DVC); no model code
+    "serve.app": {"config", "model_dir", "predict", "features", "registry", "serve.api"},  # deployments, build_app
     "serve.server": {"config", "serve.api", "serve.app"},  # running a server: ports, HAProxy, Ray, start/stop
     "batch": {"config", "model_dir", "predict"},  # scoring files chunk by chunk, with the predictors serving runs
     "batch_ray": {"config", "model_dir", "predict", "batch"},  # the same job on Ray Data
     "monitor": {"config", "model_dir", "predict", "features"},  # drift of traffic against the reference (Evidently)
-    "cli": {"config", "model_dir", "predict", "batch", "batch_ray", "monitor", *SERVE},
+    "cli": {"config", "model_dir", "predict", "batch", "batch_ray", "monitor", "registry", *SERVE},
 }
 TRAINING_STACK = {"train", "data", "evaluate", "export", "metrics"}  # and the third-party packages below
 TRAINING_PACKAGES = {"datasets", "pandas", "sklearn", "dvclive", "accelerate"}
 MONITOR_PACKAGES = {"evidently"}  # the offline comparison only: never in a replica
+REGISTRY_PACKAGES = {"dvc", "gto"}  # the driver resolves a registry reference with them; importing serving loads neither
 LOADED_BY_RAY = {"pandas"}  # Ray Serve imports pandas itself: only its absence from our own imports can be checked
 
 
@@ -154,14 +156,16 @@ def test_serving_never_reaches_the_training_stack(module):
         assert not third_party(MODULES[m]) & banned, (m, third_party(MODULES[m]) & banned)
 
 
-def test_monitoring_never_reaches_the_training_stack():
+def test_monitoring_and_the_registry_never_reach_the_training_stack():
     assert not closure({"monitor"}) & TRAINING_STACK
+    assert not closure({"registry"}) & TRAINING_STACK
+    assert not third_party(MODULES["registry"]) & (TRAINING_PACKAGES | MONITOR_PACKAGES)
     assert not third_party(MODULES["monitor"]) & (TRAINING_PACKAGES - {"pandas"})  # pandas: Evidently's frames
 
 
 def test_importing_the_serving_modules_loads_no_training_package_nor_evidently():
     code = ("import sys\nimport sentiment_nb.serve.server, sentiment_nb.serve.app, sentiment_nb.predict\n"
-            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(TRAINING_PACKAGES - LOADED_BY_RAY | MONITOR_PACKAGES)!r} "
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(TRAINING_PACKAGES - LOADED_BY_RAY | MONITOR_PACKAGES | REGISTRY_PACKAGES)!r} "
             f"or m in {sorted('sentiment_nb.' + m for m in TRAINING_STACK)!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

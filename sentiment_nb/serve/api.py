@@ -53,15 +53,17 @@ class PredictRequest(BaseModel):
 
 # %% ../../nbs/08_serve_api.ipynb #bdfdc775
 class Prediction(BaseModel):
-    "The label of one sentence, its probability, and the probabilities of all labels."
+    "The label of one sentence, its probability, the probabilities of all labels, and the model that answered."
     label: str
     score: float
     probabilities: dict[str, float]
+    model_version: str | None = None  # the hash of the weights that answered (also the X-Model-Version header)
 
 
 class BatchPrediction(BaseModel):
-    "The predictions for `texts`, in the same order."
+    "The predictions for `texts`, in the same order, and the model that answered them all."
     predictions: list[Prediction]
+    model_version: str | None = None
 
 
 class ErrorResponse(BaseModel):
@@ -154,14 +156,15 @@ def http_error(status: int, detail: str) -> tuple[int, dict]:
     return status, {"error": HTTP_ERROR_KINDS.get(status, "http_error"), "detail": detail}
 
 # %% ../../nbs/08_serve_api.ipynb #cfe54ed2
-def shape_response(req: PredictRequest, results: list[dict]) -> dict:
-    "The JSON answer to `req`: one prediction for `text`, `{'predictions': [...]}` for `texts`."
+def shape_response(req: PredictRequest, results: list[dict], model_version: str | None = None) -> dict:
+    "The JSON answer to `req`: one prediction for `text`, `{'predictions': [...]}` for `texts`; with the model's version."
     clean = [{"label": r["label"], "score": float(r["score"]),
               "probabilities": {k: float(v) for k, v in r["probabilities"].items()}} for r in results]
-    return clean[0] if req.text is not None else {"predictions": clean}
+    version = {"model_version": model_version} if model_version else {}
+    return {**clean[0], **version} if req.text is not None else {"predictions": clean, **version}
 
 
-BATCH_FIELDS = ("group_requests", "batch_requests", "batch_texts", "model_ms", "model_version", "backend")
+BATCH_FIELDS = ("group_requests", "batch_requests", "batch_texts", "model_ms", "model_version", "model_ref", "backend")
 
 
 def request_log(texts: list[str], results: list[dict], latency_ms: float, batch: dict | None = None,
@@ -257,7 +260,8 @@ INDEX_HTML = """<!doctype html>
 """
 
 # %% ../../nbs/08_serve_api.ipynb #a371e63a
-COUNTERS = {"predictions": ("sentiment_predictions", "Texts classified, by predicted label.", ("label",)),
+COUNTERS = {"predictions": ("sentiment_predictions", "Texts classified, by predicted label and the model's version.",
+                            ("label", "model_version")),
             "errors": ("sentiment_errors", "Requests answered with an error, by kind.", ("error",))}
 
 
@@ -267,8 +271,8 @@ class RequestCounters:
     def __init__(self):
         self.counters = {}
 
-    def count(self, metric: str, tag: str, value: str, n: int = 1) -> None:
-        "Add `n` to the counter `metric` (`predictions` or `errors`) with `tag=value`."
+    def count(self, metric: str, tag: str, value: str, n: int = 1, **tags: str) -> None:
+        "Add `n` to the counter `metric` (`predictions` or `errors`) with `tag=value` and any other `tags`."
         if n <= 0:
             return
         try:
@@ -277,7 +281,7 @@ class RequestCounters:
 
                 name, description, tag_keys = COUNTERS[metric]
                 self.counters[metric] = metrics.Counter(name, description=description, tag_keys=tag_keys)
-            self.counters[metric].inc(n, tags={tag: value})
+            self.counters[metric].inc(n, tags={tag: value, **tags})
         except Exception:  # metrics must never break a request
             pass
 
