@@ -17,9 +17,10 @@ from . import __version__
 from .config import BACKEND_CHOICES, MAX_ACCURACY_DROP
 
 # %% auto #0
-__all__ = ['EXIT_USAGE', 'EXIT_SERVER_GONE', 'WATCH_INTERVAL_S', 'build_parser', 'add_monitor_commands', 'read_texts',
-           'default_model_dir', 'cmd_predict', 'cmd_predict_file', 'serve_settings', 'cmd_serve', 'cmd_info',
-           'default_log_dir', 'cmd_monitor', 'cmd_reference', 'main']
+__all__ = ['EXIT_USAGE', 'EXIT_SERVER_GONE', 'WATCH_INTERVAL_S', 'build_parser', 'add_monitor_commands', 'add_registry_commands',
+           'read_texts', 'default_model_dir', 'cmd_predict', 'cmd_predict_file', 'model_arg', 'serve_settings',
+           'cmd_serve', 'cmd_info', 'default_log_dir', 'cmd_monitor', 'cmd_reference', 'cmd_models', 'cmd_promote',
+           'cmd_rollback', 'cmd_swap', 'main']
 
 # %% ../nbs/11_cli.ipynb #e2b4036d
 def _positive_int(s: str) -> int:
@@ -34,6 +35,16 @@ def _positive_int(s: str) -> int:
 
 
 
+def _share(s: str) -> float:
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {x:g}")
+    return x
+
+
 def _port(s: str) -> int:
     n = _positive_int(s)
     if n > 65535:
@@ -46,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sentiment-nb", description="Classify Rotten Tomatoes-style sentences as "
                                 "negative or positive with the exported model, or serve it over HTTP.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{predict,serve,info}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{predict,serve,info,monitor,reference,models,promote,rollback,swap}")
 
     pr = sub.add_parser("predict", help="classify sentences and print JSON",
                         description="Classify sentences; print one JSON object for one sentence, a list for several.")
@@ -83,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve the model over HTTP with Ray Serve",
                         description="Start a local Ray, deploy the model behind POST /predict, and stop cleanly "
                                     "on Ctrl-C or SIGTERM. Unset options come from the `serve` section of the params file.")
-    sv.add_argument("--model", default=None, help="the exported model folder (default: serve.model)")
+    sv.add_argument("--model", default=None, help="the exported model folder, or a registry reference: "
+                    "sentiment-classifier#prod (a stage), sentiment-classifier@v1.2.0 (a version) (default: serve.model)")
+    sv.add_argument("--canary", default=None, help="a second model (folder or reference) that answers a share of "
+                    "the requests (default: serve.canary, none)")
+    sv.add_argument("--canary-share", type=_share, default=None, help="the canary's share of the requests, 0 to 1 "
+                    "(default: serve.canary_share, 0.1)")
     sv.add_argument("--host", default=None, help="address to listen on (default: serve.host, 127.0.0.1)")
     sv.add_argument("--port", type=_port, default=None, help="port (default: serve.port, 8000)")
     sv.add_argument("--replicas", type=_positive_int, default=None, help="model replicas (default: serve.num_replicas)")
@@ -100,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--params", default=None, help="params file (default: $SENTIMENT_NB_PARAMS, else the nearest "
                      "params.yaml; without one, the record has no params)")
     add_monitor_commands(sub)
+    add_registry_commands(sub)
     return p
 
 
@@ -130,6 +147,47 @@ def add_monitor_commands(sub) -> None:
                     "a .jsonl, .csv or .parquet file with a `text` column")
     rf.add_argument("--params", default=None, help="params file (default: $SENTIMENT_NB_PARAMS, else the nearest "
                     "params.yaml, else the built-in defaults)")
+
+
+def add_registry_commands(sub) -> None:
+    "The `models`, `promote`, `rollback` and `swap` subcommands (see the registry chapter and `serve.server`)."
+    params_help = "params file (default: $SENTIMENT_NB_PARAMS, else the nearest params.yaml, else the built-in defaults)"
+    port_help = "the port of the running server to swap (default: serve.port)"
+    ml = sub.add_parser("models", help="list the model's registered versions, stages and test figures",
+                        description="List the versions of the model artifact (registry.artifact) registered with GTO in "
+                                    "the registry repo (registry.repo), newest first, with their stages and the test "
+                                    "accuracy, F1, ECE and backends recorded at their commits.")
+    ml.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ml.add_argument("--params", default=None, help=params_help)
+    pm = sub.add_parser("promote", help="assign a stage to a version, if it passes the accuracy gate",
+                        description="Assign STAGE to VERSION with GTO if its recorded test accuracy is at most "
+                                    "registry.tolerance points below that of the stage's version; else refuse and print both.")
+    pm.add_argument("version", metavar="VERSION", help="the version to promote, e.g. v1.2.0")
+    pm.add_argument("--stage", default="prod", help="the stage (default: %(default)s)")
+    pm.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded in the tag)")
+    pm.add_argument("--swap", action="store_true", help="then move the running server to <artifact>#STAGE")
+    pm.add_argument("--port", type=_port, default=None, help=port_help)
+    pm.add_argument("--params", default=None, help=params_help)
+    rb = sub.add_parser("rollback", help="give a stage back to the version it held before",
+                        description="Assign STAGE to the version it held before the current one (no gate: it held the "
+                                    "stage already).")
+    rb.add_argument("--stage", default="prod", help="the stage (default: %(default)s)")
+    rb.add_argument("--swap", action="store_true", help="then move the running server to <artifact>#STAGE")
+    rb.add_argument("--port", type=_port, default=None, help=port_help)
+    rb.add_argument("--params", default=None, help=params_help)
+    sw = sub.add_parser("swap", help="move a running server to another model, in place, with no failed request",
+                        description="Update the application of the running `sentiment-nb serve` in place: new replicas "
+                                    "start next to the old ones, which stop once the new ones serve. If the new model "
+                                    "does not start, the old one serves on and the command fails.")
+    sw.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                    help="a folder or a registry reference (default: what the server serves now, resolved again: "
+                         "sentiment-classifier#prod picks up a new prod)")
+    canary = sw.add_mutually_exclusive_group()
+    canary.add_argument("--canary", default=None, help="add or change the canary model (folder or reference)")
+    canary.add_argument("--no-canary", action="store_true", help="drop the canary")
+    sw.add_argument("--canary-share", type=_share, default=None, help="the canary's share of the requests, 0 to 1")
+    sw.add_argument("--port", type=_port, default=None, help=port_help)
+    sw.add_argument("--params", default=None, help=params_help + " (for --port's default only)")
 
 # %% ../nbs/11_cli.ipynb #93683bc0
 EXIT_USAGE = 2  # a user error: the message says what to change
@@ -224,12 +282,21 @@ def cmd_predict_file(args) -> int:
     return 0
 
 # %% ../nbs/11_cli.ipynb #17458a82
+def model_arg(text: str | None) -> str | None:
+    "A `--model` as the settings take it: a registry reference as it is, a path made absolute (relative to here)."
+    from sentiment_nb.registry import parse_ref
+
+    if text is None or parse_ref(text):
+        return text
+    return str(Path(text).expanduser().resolve())
+
+
 def serve_settings(args):
     "The `Settings` for `sentiment-nb serve`: the params file, then the command-line options."
     from sentiment_nb.config import load_params
 
-    over = {"model": str(Path(args.model).expanduser().resolve()) if args.model else None, "host": args.host,
-            "port": args.port, "num_replicas": args.replicas, "backend": args.backend}
+    over = {"model": model_arg(args.model), "canary": model_arg(args.canary), "canary_share": args.canary_share,
+            "host": args.host, "port": args.port, "num_replicas": args.replicas, "backend": args.backend}
     over = {f"serve.{k}": v for k, v in over.items() if v is not None}
     return load_params(args.params, over, missing_ok=True)
 
@@ -248,10 +315,31 @@ def _install_signal_handlers(handler=_interrupt) -> dict:
     return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
+def _served(url: str) -> str:
+    "What the server at `url` serves, as its /healthz says: `<ref> (<version>)`, and its canary."
+    from sentiment_nb.serve.server import wait_healthy
+
+    h = wait_healthy(url, timeout_s=30)
+    canary = h.get("canary")
+    return f"{h['model_ref']} ({h['model_version']})" + (
+        f" with canary {canary['model_ref']} ({canary['model_version']}) on {canary['share']:.0%} of requests"
+        if canary else "")
+
+
+def _forget_server(path: Path) -> None:
+    "Remove the server file at `path` if this process wrote it."
+    try:
+        if json.loads(path.read_text())["pid"] == os.getpid():
+            path.unlink()
+    except (OSError, ValueError, KeyError):
+        pass
+
+
 def cmd_serve(args) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # before Ray is imported; see `start_server`
     from sentiment_nb.config import ParamsError, RayTempDirError
     from sentiment_nb.predict import ModelDirError
+    from sentiment_nb.registry import RegistryError
 
     try:
         settings = serve_settings(args)
@@ -262,16 +350,19 @@ def cmd_serve(args) -> int:
         dead_ray_processes,
         log_dir,
         metrics_url,
+        ray_address,
+        server_file,
         start_server,
         stop_server,
+        write_server_file,
     )
 
     previous = _install_signal_handlers()
     try:
         url = start_server(settings, dashboard=args.dashboard, metrics_port=args.metrics_port)
         _install_signal_handlers()
-        model = settings.resolve(settings.serve.model)
-        print(f"Serving {model} at {url}/ (POST {url}/predict, docs {url}/docs, metrics {metrics_url()}, "
+        write_server_file(settings, url, ray_address())  # for `sentiment-nb swap`
+        print(f"Serving {_served(url)} at {url}/ (POST {url}/predict, docs {url}/docs, metrics {metrics_url()}, "
               f"logs {log_dir()}). Ctrl-C to stop.", flush=True)
         while not (dead := dead_ray_processes()):  # a signal interrupts the sleep
             time.sleep(WATCH_INTERVAL_S)
@@ -280,13 +371,14 @@ def cmd_serve(args) -> int:
         print(f"sentiment-nb: error: Ray's {' and '.join(dead)} stopped, so the server is gone; "
               f"see the logs in {log_dir().parent}.", file=sys.stderr, flush=True)
         return EXIT_SERVER_GONE
-    except (ModelDirError, ParamsError, RayTempDirError, ServeStartError) as e:  # a taken port, no room, HAProxy, a deployment
+    except (ModelDirError, ParamsError, RayTempDirError, RegistryError, ServeStartError) as e:  # a port, room, a deployment
         return _fail(e)
     except KeyboardInterrupt as e:
         print(f"Stopping ({e or 'SIGINT'})...", file=sys.stderr, flush=True)
     finally:
         _install_signal_handlers(_still_stopping)
         try:
+            _forget_server(server_file(settings.serve.port))
             stop_server()
         finally:
             for sig, handler in previous.items():
@@ -352,6 +444,89 @@ def cmd_reference(args) -> int:
     print(f"wrote {path}: {len(texts)} sentences")
     return 0
 
+# %% ../nbs/11_cli.ipynb #5e7cf91e
+def cmd_models(args) -> int:
+    "`models`: the registered versions with their stages and test figures."
+    from sentiment_nb.config import ParamsError, load_params
+    from sentiment_nb.registry import Registry, RegistryError, format_table, models_table
+
+    try:
+        rows = models_table(Registry.from_settings(load_params(args.params, missing_ok=True)))
+    except (ParamsError, RegistryError) as e:
+        return _fail(e)
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
+
+
+def _stage_change(args, change) -> int:
+    "Run `change(registry)` (a promotion or a rollback), print what it did, then swap the server if asked."
+    from sentiment_nb.config import ParamsError, load_params
+    from sentiment_nb.registry import Registry, RegistryError
+
+    try:
+        settings = load_params(args.params, missing_ok=True)
+        registry = Registry.from_settings(settings)
+        done = change(registry)
+    except (ParamsError, RegistryError) as e:
+        return _fail(e)
+    what = "now holds" if done["changed"] else "already holds"
+    print(f"{registry.artifact}#{done['stage']} {what} {done['version']} (before: {done['previous'] or 'none'}): "
+          f"{done['why']}.")
+    if not args.swap:
+        return 0
+    args.model, args.canary, args.no_canary, args.canary_share = f"{registry.artifact}#{done['stage']}", None, False, None
+    args.port = args.port or settings.serve.port
+    return cmd_swap(args)
+
+
+def cmd_promote(args) -> int:
+    "`promote`: assign a stage to a version through the gate; with --swap, move the server to it."
+    from sentiment_nb.config import load_params
+    from sentiment_nb.registry import promote
+
+    def change(registry):
+        tolerance = load_params(args.params, missing_ok=True).registry.tolerance
+        return promote(registry, args.version, args.stage, tolerance, force=args.force)
+
+    return _stage_change(args, change)
+
+
+def cmd_rollback(args) -> int:
+    "`rollback`: give a stage back to the version it held before; with --swap, move the server to it."
+    from sentiment_nb.registry import rollback
+
+    return _stage_change(args, lambda registry: rollback(registry, args.stage))
+
+# %% ../nbs/11_cli.ipynb #2d08cf64
+def cmd_swap(args) -> int:
+    "`swap`: move the running server to another model (and canary), in place; fail with one line if it cannot."
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # before Ray is imported, as `serve`
+    from sentiment_nb.config import ParamsError, load_params
+    from sentiment_nb.model_dir import ModelDirError
+    from sentiment_nb.registry import RegistryError
+    from sentiment_nb.serve.server import (
+        ServeStartError,
+        SwapError,
+        read_server_file,
+        server_settings,
+        swap,
+        write_server_file,
+    )
+
+    try:
+        port = args.port or load_params(args.params, missing_ok=True).serve.port
+        info = read_server_file(port)
+        before = _served(info["url"])
+        changes = {"model": model_arg(args.model), "canary": model_arg(args.canary), "canary_share": args.canary_share}
+        changes = {k: v for k, v in changes.items() if v is not None} | ({"canary": None} if args.no_canary else {})
+        previous, settings = server_settings(info), server_settings(info, **changes)
+        seconds = swap(settings, previous, info["address"])
+        write_server_file(settings, info["url"], info["address"], pid=info["pid"])
+    except (ModelDirError, ParamsError, RegistryError, ServeStartError, SwapError, TimeoutError) as e:
+        return _fail(e)
+    print(f"Swapped {info['url']} in {seconds:.1f} s: {before} -> {_served(info['url'])}.")
+    return 0
+
 # %% ../nbs/11_cli.ipynb #b29be80a
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `sentiment-nb` command; returns the exit status."
@@ -361,5 +536,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "predict" and not args.texts and args.input is None and args.output is None:
         parser.error("predict needs TEXTs, `-` to read them from stdin, or --input FILE --output FILE")
     commands = {"predict": cmd_predict, "serve": cmd_serve, "info": cmd_info, "monitor": cmd_monitor,
-                "reference": cmd_reference}
+                "reference": cmd_reference, "models": cmd_models, "promote": cmd_promote, "rollback": cmd_rollback,
+                "swap": cmd_swap}
     return commands[args.command](args)

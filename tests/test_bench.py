@@ -224,3 +224,20 @@ def test_each_script_without_data_stops_with_an_error_naming_both(name, tiny_mod
                        capture_output=True, text=True, timeout=120, env=env_without_data())
     assert p.returncode == 2, (p.stdout[-1000:], p.stderr[-2000:])
     assert "--data" in p.stderr and "SENTIMENT_NB_DATA" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_swap_figures_split_the_answers_at_the_command():
+    swap = load_bench("swap_load")
+    answers = [(0.0, 0.1, 200, "old"), (0.5, 0.7, 200, "old"), (1.0, 1.2, 200, "old"), (1.1, 1.5, 503, None),
+               (1.6, 1.7, 200, "new"), (3.0, 3.1, 200, "new")]
+    figures = swap.swap_figures(answers, t_cmd=0.9, t_done=2.0, old="old")
+    assert figures["requests"] == 6 and figures["non_2xx_or_failed"] == {"503": 1}
+    assert figures["p99_before_ms"] == pytest.approx(199.0, abs=0.5)  # the two answers that ended before the command
+    assert figures["p99_during_ms"] == pytest.approx(199.0, abs=0.5)  # 0.2 and 0.1 s, sent while it ran
+    assert (figures["command_s"], figures["cmd_to_last_old_answer_s"]) == (1.1, 0.3)
+
+
+def test_swap_bench_refuses_a_model_folder_without_metrics(tiny_model_dir):
+    p = subprocess.run([sys.executable, str(BENCH.parent / "swap_load.py"), "--model", str(tiny_model_dir)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "has no metrics.json: give a folder the export stage wrote" in p.stderr, p.stderr

@@ -122,6 +122,8 @@ def fake_server(monkeypatch, stop_server) -> tuple:
     monkeypatch.setattr(server, "stop_server", stop_server)
     monkeypatch.setattr(server, "log_dir", lambda: Path("/nowhere/logs/serve"))
     monkeypatch.setattr(server, "metrics_url", lambda: "http://127.0.0.1:9/metrics")
+    monkeypatch.setattr(server, "ray_address", lambda: "127.0.0.1:9")
+    monkeypatch.setattr(server, "wait_healthy", lambda url, timeout_s: {"model_ref": "m", "model_version": "sha256:0"})
     monkeypatch.setattr(server, "dead_ray_processes", lambda: os.kill(os.getpid(), signal.SIGINT) or [])  # a Ctrl-C
     return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # the handlers to find back
 

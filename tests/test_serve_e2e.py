@@ -575,13 +575,18 @@ def test_the_serve_command_prints_its_url_and_stops_cleanly_on_sigterm(tiny_mode
     started = {}
     try:
         line = proc.stdout.readline()  # printed once /healthz answers
-        assert line.startswith(f"Serving {tiny_model_dir} at {url}/"), (line, proc.wait(60), proc.stderr.read()[-3000:])
+        assert line.startswith(f"Serving {tiny_model_dir} (sha256:") and f") at {url}/" in line, \
+            (line, proc.wait(60), proc.stderr.read()[-3000:])
         assert httpx.get(url + "/healthz", timeout=30).status_code == 200
         check_prediction(httpx.post(url + "/predict", json={"text": TEXTS[0]}, timeout=60).json())
         r = httpx.post(url + "/predict", json={"text": " "}, timeout=60)
         assert (r.status_code, r.json()["error"]) == (422, "empty_text"), r.text
         started = {p.pid: p.name() for p in psutil.Process(proc.pid).children(recursive=True)}
         assert any("raylet" in n for n in started.values()), started
+        from sentiment_nb.serve.server import server_file
+
+        record = server_file(port) if not haproxy else next(run_dir.glob(f"sentiment-nb-*/server-{port}.json"))
+        assert json.loads(record.read_text())["pid"] == proc.pid  # what `sentiment-nb swap` reads
         configs = [Path(c[c.index("-f") + 1]) for c in haproxy_command_lines(started)]
         assert len(configs) == haproxy, started
         if not haproxy:
@@ -599,6 +604,7 @@ def test_the_serve_command_prints_its_url_and_stops_cleanly_on_sigterm(tiny_mode
         assert proc.returncode == 0 and err.rstrip().endswith("Stopped."), err[-2000:]
         assert time.monotonic() - t0 < 20  # about 6 s here; HAProxy's own draining default alone would be 30 s
         assert not [c for c in configs if c.parents[1].exists()], configs  # the server's HAProxy folder is gone
+        assert not record.exists()  # and its record
         assert_all_end(started)
     finally:
         kill_leftovers(proc, started)

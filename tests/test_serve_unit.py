@@ -265,7 +265,8 @@ def replica_runs(tiny_model_dir, tmp_path_factory) -> dict[str, dict]:
     "What the replica scripts below printed, run side by side on the tiny model."
     model = str(tiny_model_dir)
     return script_results({"threads": (REPLICA_THREADS_SCRIPT, model), "isolation": (ISOLATION_SCRIPT, model),
-                           "busy": (BUSY_HEALTH_SCRIPT, model), "unavailable": (UNAVAILABLE_SCRIPT,)},
+                           "busy": (BUSY_HEALTH_SCRIPT, model), "unavailable": (UNAVAILABLE_SCRIPT,),
+                           "canary": (CANARY_SCRIPT,)},
                           tmp_path_factory.mktemp("replica_scripts"))
 
 
@@ -410,14 +411,65 @@ async def failed_to_deploy(texts):
 api = ingress_with(failed_to_deploy)
 
 async def main():
-    first = asyncio.create_task(api.predict(PredictRequest(text="the first request")))
+    from fastapi import Response
+
+    first = asyncio.create_task(api.predict(PredictRequest(text="the first request"), Response()))
     await asyncio.sleep(0.01)  # in flight: the next two are grouped
-    got = await asyncio.gather(first, api.predict(PredictRequest(texts=["fine", "dull"])),
-                               api.predict(PredictRequest(text="long")), return_exceptions=True)
+    got = await asyncio.gather(first, api.predict(PredictRequest(texts=["fine", "dull"]), Response()),
+                               api.predict(PredictRequest(text="long"), Response()), return_exceptions=True)
     return {"answers": [type(x).__name__ for x in got], "calls": Handle.calls}
 
 print(json.dumps(asyncio.run(main())))
 """
+
+
+CANARY_SCRIPT = """
+import asyncio, json
+from fastapi import Response
+from ray.serve import batching
+from ray.serve._private.common import DeploymentID
+from ray.serve.exceptions import DeploymentUnavailableError
+from sentiment_nb.config import ServeParams
+from sentiment_nb.serve.api import PredictRequest
+from sentiment_nb.serve.app import ModelCalls, SentimentAPI
+
+batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None  # needs a replica
+
+""" + FAKE_INGRESS + """
+
+def answers_as(version):
+    async def answer(texts):
+        return {"results": [{"label": "positive", "score": 0.9, "probabilities": {"negative": 0.1, "positive": 0.9}}
+                            for _ in texts], "model_version": version}
+    return answer
+
+async def dropped(texts):
+    raise DeploymentUnavailableError(DeploymentID(name="SentimentCanary", app_name="sentiment"))
+
+async def main():
+    out = {}
+    for name, canary, share in [("share", answers_as("canary"), 0.3), ("dropped", dropped, 1.0)]:
+        api = ingress_with(answers_as("prod"))
+        api.settings = ServeParams(max_batch_size=8, max_ongoing_requests=8, canary="c", canary_share=share)
+        api.canary = ModelCalls(Handle(canary), api.settings)
+        headers = []
+        for n in range(400 if name == "share" else 20):
+            response = Response()
+            body = await api.predict(PredictRequest(text="fine"), response)
+            assert body["model_version"] == response.headers["x-model-version"]
+            headers.append(body["model_version"])
+        out[name] = {v: headers.count(v) for v in set(headers)}
+    return out
+
+print(json.dumps(asyncio.run(main())))
+"""
+
+
+@pytest.mark.slow
+def test_the_canary_answers_its_share_and_the_main_model_answers_when_the_canary_cannot(replica_runs):
+    got = run_script(replica_runs, "canary")
+    assert set(got["share"]) == {"prod", "canary"} and abs(got["share"]["canary"] / 400 - 0.3) < 0.08, got
+    assert got["dropped"] == {"prod": 20}, got  # a canary being dropped (or failing) costs no request
 
 
 @pytest.mark.slow  # a Python process of its own that imports torch and Ray: seconds each

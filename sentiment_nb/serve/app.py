@@ -351,9 +351,8 @@ class SentimentAPI(ModelCalls):
 
         t0 = time.perf_counter()
         texts = request_texts(body, self.settings.max_chars, self.settings.max_texts)
-        calls = self.canary if self.canary and random.random() < self.settings.canary_share else self
         try:
-            out = await calls.classify(texts)
+            out, by_canary = await self.classify_routed(texts)
         except (BackPressureError, DeploymentUnavailableError) as e:  # Ray Serve answers 503 for both
             self.counters.count("errors", "error", "overloaded" if isinstance(e, BackPressureError) else "unavailable")
             raise
@@ -362,12 +361,22 @@ class SentimentAPI(ModelCalls):
             return internal_error(e, len(texts), t0)
         for label, n in Counter(r["label"] for r in out["results"]).items():
             self.counters.count("predictions", "label", label, n, model_version=out["model_version"])
-        if self.settings.log_features and calls is self:  # the gauges compare the main model with its reference
+        if self.settings.log_features and not by_canary:  # the gauges compare the main model with its reference
             self.gauges.publish(self.signals.observe(out["results"]))
         logger.info(json.dumps(request_log(texts, out["results"], (time.perf_counter() - t0) * 1000, out,
                                            self.settings.log_text)))
         response.headers["X-Model-Version"] = out["model_version"]
         return shape_response(body, out["results"], out["model_version"])
+
+    async def classify_routed(self, texts: list[str]) -> tuple[dict, bool]:
+        "The canary's results for its share of the requests, else the main model's; and whether the canary answered."
+        if self.canary and random.random() < self.settings.canary_share:
+            try:
+                return await self.canary.classify(texts), True
+            except Exception as e:  # full, failing, or being dropped: the main model answers instead (predict is idempotent)
+                self.counters.count("errors", "error", "canary")
+                logger.warning(json.dumps({"event": "canary_failed", "error": type(e).__name__, "detail": str(e)[:300]}))
+        return await self.classify(texts), False
 
     @app.get("/healthz", summary="200 when the model is loaded and answers a probe, else 503")
     async def healthz(self):

@@ -23,12 +23,14 @@ from .app import APP_NAME, HEALTH_TIMEOUT_S, INGRESS_CPUS, build_app
 
 # %% auto #0
 __all__ = ['HAPROXY_DEFAULT_PORTS', 'HAPROXY_MAX_SOCKET_PATH', 'RAY_NODE_ID_CHARS', 'RAY_DEFAULTS', 'HAPROXY_FLAG',
-           'PROCESS_LAUNCHER', 'start_server', 'stop_server', 'RAY_CORE_PROCESSES', 'ServeStartError', 'PortInUseError',
-           'CapacityError', 'HAProxyStartError', 'DeployError', 'bind_error', 'port_in_use', 'free_port',
-           'check_port_free', 'check_capacity', 'is_loopback', 'haproxy_available', 'use_haproxy', 'haproxy_run_dir',
-           'haproxy_env', 'haproxy_start_error', 'haproxy_pids', 'is_running', 'end_processes', 'EnvChanges',
-           'deploy_failure', 'wait_healthy', 'prepare_env', 'start_ray', 'start_serve', 'deploy', 'ServeLauncher',
-           'metrics_url', 'log_dir', 'dead_ray_processes']
+           'PROCESS_LAUNCHER', 'start_server', 'stop_server', 'RAY_CORE_PROCESSES', 'SWAP_TIMEOUT_S', 'ServeStartError',
+           'PortInUseError', 'CapacityError', 'HAProxyStartError', 'DeployError', 'bind_error', 'port_in_use',
+           'free_port', 'check_port_free', 'needed_resources', 'check_capacity', 'is_loopback', 'haproxy_available',
+           'use_haproxy', 'haproxy_run_dir', 'haproxy_env', 'haproxy_start_error', 'haproxy_pids', 'is_running',
+           'end_processes', 'EnvChanges', 'deploy_failure', 'wait_healthy', 'prepare_env', 'start_ray', 'start_serve',
+           'deploy', 'ServeLauncher', 'metrics_url', 'ray_address', 'log_dir', 'dead_ray_processes', 'SwapError',
+           'server_file', 'write_server_file', 'read_server_file', 'server_settings', 'run_app', 'wait_app',
+           'with_serve', 'swap']
 
 # %% ../../nbs/10_serve_run.ipynb #b46c3294
 class ServeStartError(RuntimeError):
@@ -81,12 +83,20 @@ def check_port_free(host: str, port: int) -> None:
                              f"--port (serve.port).")
 
 # %% ../../nbs/10_serve_run.ipynb #2327cdb4
+def needed_resources(sp: ServeParams) -> tuple[float, float]:
+    "The CPUs and GPUs that the replicas of settings `sp` reserve at start: model, ingress, and the canary's one."
+    n = 1 if sp.autoscaling else sp.num_replicas
+    models = n + (1 if sp.canary else 0)
+    return models * sp.num_cpus + (sp.ingress_replicas or n) * INGRESS_CPUS, models * sp.num_gpus
+
+
 def check_capacity(sp: ServeParams, cpus: float, gpus: float = 0) -> None:
     "Raise `CapacityError` if the replicas of settings `sp` need more than `cpus` CPUs or `gpus` GPUs at start."
     n = 1 if sp.autoscaling else sp.num_replicas
-    need_cpu, need_gpu = n * sp.num_cpus + (sp.ingress_replicas or n) * INGRESS_CPUS, n * sp.num_gpus
+    need_cpu, need_gpu = needed_resources(sp)
     if need_cpu > cpus + 1e-9:
-        raise CapacityError(f"{n} replica(s) of {sp.num_cpus} CPU (+{INGRESS_CPUS} per ingress replica) need {need_cpu:g} "
+        raise CapacityError(f"{n} replica(s){' and a canary' if sp.canary else ''} of {sp.num_cpus} CPU (+{INGRESS_CPUS} per ingress "
+                            f"replica) need {need_cpu:g} "
                             f"CPUs; Ray has {cpus:g}. Lower serve.num_replicas (--replicas) or serve.num_cpus.")
     if need_gpu > gpus + 1e-9:
         raise CapacityError(f"{n} replica(s) of {sp.num_gpus} GPU need {need_gpu:g} GPUs; Ray has {gpus:g}. "
@@ -374,6 +384,13 @@ def metrics_url() -> str:
     return f"http://127.0.0.1:{ray._private.worker.global_worker.node.metrics_export_port}/metrics"
 
 
+def ray_address() -> str:
+    "The address of this process's Ray (its GCS): what another driver joins, as `swap` does."
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 def log_dir() -> Path:
     "The folder of this node's Serve logs: one file per replica (`replica_<app>_<deployment>_<id>.log`), proxy, controller."
     import ray
@@ -389,3 +406,109 @@ def dead_ray_processes() -> list[str]:
     if node is None:
         return []
     return sorted({kind for kind, _ in node.dead_processes() if kind in RAY_CORE_PROCESSES})
+
+# %% ../../nbs/10_serve_run.ipynb #f3a7dc3c
+class SwapError(RuntimeError):
+    "A swap that did not happen; the server goes on with the model it had. The message says why."
+
+
+def server_file(port: int) -> Path:
+    "Where `sentiment-nb serve` on `port` records how to reach it: `<temp>/sentiment-nb-<uid>/server-<port>.json`."
+    return Path(tempfile.gettempdir()) / f"sentiment-nb-{os.getuid()}" / f"server-{port}.json"
+
+
+def write_server_file(settings: Settings, url: str, address: str, pid: int | None = None) -> Path:
+    "Record the server of `settings` at `url` on the Ray at `address` (this process's unless `pid`), for `swap`."
+    path = server_file(settings.serve.port)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = {"pid": pid or os.getpid(), "url": url, "address": address,
+            "params": str(settings.source) if settings.source else None, "root": str(settings.root),
+            "serve": settings.serve.model_dump(mode="json")}
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(info, indent=1))
+    partial.replace(path)  # a reader never sees half a file
+    return path
+
+
+def read_server_file(port: int) -> dict:
+    "What the running `sentiment-nb serve` on `port` recorded; `SwapError` if none runs there."
+    path = server_file(port)
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise SwapError(f"No `sentiment-nb serve` on port {port} here ({path} is missing): start one, or pass the "
+                        f"port of the running server (--port).") from None
+    if not is_running(info["pid"]):
+        path.unlink(missing_ok=True)
+        raise SwapError(f"The server on port {port} (pid {info['pid']}) is no longer running; start it again.")
+    return info
+
+
+def server_settings(info: dict, **serve) -> Settings:
+    "The `Settings` of a recorded server: its params file (or the defaults) and `serve` section, changed by `serve`."
+    from sentiment_nb.config import Params, load_params
+
+    values = {**info["serve"], **serve}
+    if info["params"]:
+        return load_params(info["params"], {f"serve.{k}": v for k, v in values.items()})
+    return Settings(Params(serve=ServeParams(**values)), Path(info["root"]))
+
+# %% ../../nbs/10_serve_run.ipynb #3fd9df54
+SWAP_TIMEOUT_S = 300.0
+
+
+def run_app(app) -> None:
+    "Start deploying `app` as the server's application, in place of the one running; return without waiting."
+    serve.run_many([serve.RunTarget(app, name=APP_NAME, route_prefix="/")],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+
+
+def wait_app(timeout_s: float, interval_s: float = 0.5) -> str | None:
+    "None once the application runs; why not, if its deployment failed or `timeout_s` passed first."
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(APP_NAME)
+        status = str(getattr(app.status, "value", app.status)) if app else "NOT_STARTED"
+        if status == "RUNNING":
+            return None
+        if status == "DEPLOY_FAILED":
+            return deploy_failure(app) or app.message or "the deployment failed"
+        time.sleep(interval_s)
+    return f"it was not running after {timeout_s:.0f} s"
+
+
+def with_serve(settings: Settings, **serve) -> Settings:
+    "`settings` with `serve` settings changed."
+    params = settings.params.model_copy(update={"serve": settings.serve.model_copy(update=serve)})
+    return Settings(params, settings.root, settings.source)
+
+
+def swap(settings: Settings, previous: Settings, address: str, timeout_s: float = SWAP_TIMEOUT_S) -> float:
+    """Move the server on the Ray at `address` from the `previous` settings to `settings`, in place; the seconds taken.
+
+    `SwapError` if the new replicas cannot fit next to the old ones or do not start: the old model serves on."""
+    import ray
+
+    app = build_app(settings)  # resolves, fetches and checks the model before the server is touched
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        need_cpu, need_gpu = needed_resources(settings.serve)
+        free = ray.available_resources()
+        if need_cpu > free.get("CPU", 0) + 1e-9 or need_gpu > free.get("GPU", 0) + 1e-9:
+            raise SwapError(f"The new replicas start next to the old ones: they need {need_cpu:g} CPUs and {need_gpu:g} "
+                            f"GPUs free, and Ray has {free.get('CPU', 0):g} and {free.get('GPU', 0):g}. Lower "
+                            f"serve.num_replicas or serve.num_cpus, or give Ray more.")
+        t0 = time.monotonic()
+        if previous.serve.canary and not settings.serve.canary:  # first no request to the canary, then no canary
+            run_app(build_app(with_serve(settings, canary=previous.serve.canary, canary_share=0.0)))
+            if why := wait_app(timeout_s):
+                raise SwapError(f"Draining the canary did not finish ({why}); the server answers as before.")
+        run_app(app)
+        if why := wait_app(timeout_s):
+            run_app(build_app(previous))
+            back = wait_app(timeout_s)
+            raise SwapError(f"The new model did not start ({why}); the previous one serves on"
+                            + (f", but its redeploy did not finish cleanly: {back}" if back else "") + ".")
+        return time.monotonic() - t0
+    finally:
+        ray.shutdown()  # this driver leaves; the server's Ray runs on
