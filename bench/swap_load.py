@@ -61,8 +61,11 @@ def build_registry(root: Path, model: Path) -> Path:
     "A git + DVC repository with the project's params and dvc.yaml, and versions v1.0.0 and v1.1.0 of `model`."
     repo = root / "repo"
     repo.mkdir()
-    for f in ("params.yaml", "dvc.yaml"):
-        shutil.copy(REPO / f, repo / f)
+    import yaml
+
+    shutil.copy(REPO / "params.yaml", repo / "params.yaml")
+    artifacts = yaml.safe_load((REPO / "dvc.yaml").read_text())["artifacts"]  # no stages: `model/` is `dvc add`ed
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"artifacts": artifacts}, sort_keys=False))
     sh("git", "init", "-q", "-b", "main", cwd=repo)
     sh(BIN / "dvc", "init", "-q", cwd=repo)
     sh(BIN / "dvc", "remote", "add", "-d", "local", root / "remote", cwd=repo)
@@ -180,11 +183,11 @@ def main(argv=None) -> int:
 
         old = httpx.get(url + "/healthz", timeout=30).json()["model_version"]
         rows = {"promote v1.1.0 --swap": swap_under_load(
-            url, args.concurrency, [BIN / "sentiment-nb", "promote", "v1.1.0", "--stage", "prod", "--swap"], repo, old,
+            url, args.concurrency, [BIN / "sentiment-nb", "promote", "v1.1.0", "--stage", "prod", "--swap", "--port", port], repo, old,
             args.settle)}
         new = httpx.get(url + "/healthz", timeout=30).json()["model_version"]
         rows["rollback --swap"] = swap_under_load(
-            url, args.concurrency, [BIN / "sentiment-nb", "rollback", "--stage", "prod", "--swap"], repo, new, args.settle)
+            url, args.concurrency, [BIN / "sentiment-nb", "rollback", "--stage", "prod", "--swap", "--port", port], repo, new, args.settle)
         print(json.dumps({"concurrency": args.concurrency, "model": str(model), "swaps": rows}, indent=2))
     finally:
         if proc:
