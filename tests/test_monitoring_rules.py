@@ -19,7 +19,7 @@ EXPORTED = {"ray_serve_num_http_requests_total", "ray_serve_num_http_error_reque
             "ray_sentiment_predictions_total", "ray_sentiment_errors_total", "ray_sentiment_live_signal",
             "ray_sentiment_reference_signal"}
 PROMQL_WORDS = {"sum", "rate", "avg", "by", "abs", "and", "on", "or", "min", "max", "absent", "histogram_quantile",
-                "max_over_time", "le", "signal", "error_code", "label", "deployment"}
+                "max_over_time", "le", "signal", "error_code", "label", "deployment", "model_version"}
 
 
 def metric_names(expr: str) -> set[str]:

@@ -135,7 +135,9 @@ def post(server, body=None, **kw):
 
 
 def check_prediction(p):
-    assert set(p) == {"label", "score", "probabilities"}
+    "One prediction: a label, its score and the probabilities; a lone text's also names the model that answered."
+    assert set(p) - {"model_version"} == {"label", "score", "probabilities"}
+    assert p.get("model_version", "sha256:").startswith("sha256:")
     assert set(p["probabilities"]) == {"negative", "positive"}  # the names of the model's id2label
     assert abs(sum(p["probabilities"].values()) - 1) < 1e-5
     assert p["label"] == max(p["probabilities"], key=p["probabilities"].get)
@@ -144,10 +146,13 @@ def check_prediction(p):
 
 # --- the contract ---------------------------------------------------------------------------------------------------
 
-def test_one_text_gives_one_prediction(server):
+def test_one_text_gives_one_prediction(server, tiny_model_dir):
+    from sentiment_nb.model_dir import model_version
+
     r = post(server, {"text": TEXTS[0]})
     assert r.status_code == 200, r.text
     check_prediction(r.json())
+    assert r.json()["model_version"] == r.headers["x-model-version"] == model_version(tiny_model_dir)
 
 
 def test_texts_give_predictions_in_input_order(server, tiny_model_dir):
@@ -159,7 +164,7 @@ def test_texts_give_predictions_in_input_order(server, tiny_model_dir):
     r = post(server, {"texts": TEXTS})
     assert r.status_code == 200, r.text
     got = r.json()["predictions"]
-    assert len(got) == len(TEXTS)
+    assert len(got) == len(TEXTS) and r.json()["model_version"] == r.headers["x-model-version"]
     for g, e in zip(got, expected, strict=True):
         check_prediction(g)
         assert g["label"] == e["label"]

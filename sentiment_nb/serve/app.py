@@ -345,6 +345,7 @@ class SentimentAPI(ModelCalls):
         self.max_body_bytes = max_body_bytes(settings.max_texts, settings.max_chars)  # see `ingress_body_limit`
 
     @app.post("/predict", response_model=Prediction | BatchPrediction, responses=ERROR_RESPONSES,
+              response_model_exclude_none=True,  # the model's version once per answer, not null in each prediction
               summary="Classify one sentence (`text`) or several (`texts`)")
     async def predict(self, body: PredictRequest, response: Response):
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
