@@ -64,6 +64,7 @@ class TrainParams(_Section):
     save_total_limit: int = Field(2, ge=1)  # checkpoints kept for resuming (the best one is kept too)
     num_workers: int = Field(1, ge=1)  # >1: data-parallel with Ray Train (batch_size stays per worker)
     use_gpu: Literal["auto"] | bool = "auto"  # auto: a GPU per worker when there are enough of them
+    calibrate: bool = True  # fit a temperature on the validation split after training and fold it into the weights
 
     @field_validator("max_steps")
     @classmethod

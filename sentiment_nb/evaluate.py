@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score
 
+from .calibrate import model_temperature, uncalibrated
 from .config import Settings
-from .metrics import calibration_table, compute_metrics
+from .metrics import calibration_table, compute_metrics, expected_calibration_error
 from .model_dir import ONNX_FILES
 from .predict import OnnxPredictor, Predictor
 
@@ -93,7 +94,13 @@ def evaluate_model(predictor: Predictor, texts, labels, label_names, *, bins: in
     probs = predictor.predict_proba(list(texts))
     preds, conf = probs.argmax(axis=1), probs.max(axis=1)
     correct = preds == labels
-    return {"metrics": compute_metrics(labels, probs, label_names, bins),
+    metrics = compute_metrics(labels, probs, label_names, bins)
+    temperature = model_temperature(predictor.model_dir)
+    if temperature != 1.0:  # the model was calibrated: its ECE as trained too, with the temperature undone
+        raw = uncalibrated(probs, temperature)
+        metrics["calibration"] = {"temperature": round(temperature, 4),
+                                  "ece_uncalibrated": expected_calibration_error(raw.max(axis=1), raw.argmax(axis=1) == labels, bins)}
+    return {"metrics": metrics,
             "confusion": confusion_rows(labels, preds, label_names),
             "reliability": reliability_rows(conf, correct, bins),
             "calibration": calibration_table(conf, correct, bins),

@@ -135,7 +135,10 @@ def model_card(settings: Settings, metrics: dict, labels=LABEL_NAMES) -> str:
         for m in ("precision", "recall"):
             if m in metrics.get(name, {}):
                 score_rows.append(f"| {m} ({name}) | {_fmt(metrics[name][m])} |")
-    score_rows.append(f"| expected calibration error | {_fmt(metrics['ece'])} |")
+    calibration = metrics.get("calibration") or {}
+    before = (f" ({_fmt(calibration['ece_uncalibrated'])} before temperature scaling, T = {calibration['temperature']:.3g})"
+              if calibration else "")
+    score_rows.append(f"| expected calibration error | {_fmt(metrics['ece'])}{before} |")
     backends = metrics.get("backends") or {}
     backend_rows = "\n".join(f"| `{b}` | {_fmt(s['accuracy'])} | {_fmt(s['f1'])} | {_fmt(s['agreement'])} |"
                               for b, s in backends.items())

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import numpy as np
 from transformers.integrations import DVCLiveCallback
 
+from .calibrate import calibrate_model
 from .config import Params, Settings, pick_device, ray_temp_dir, seed_everything
 from .data import CHECKPOINT_HELP, DataError, check_max_length, load_prepared, load_tokenizer
 from .metrics import compute_metrics
@@ -336,6 +337,8 @@ def train(settings: Settings, callbacks: list | None = None) -> dict:
     else:
         summary = fit(settings, resolve_device(settings.train.use_gpu), resume_from, callbacks)
     mark_complete(ckpt_dir)
+    if settings.train.calibrate:  # on the best model wherever it was trained: see the calibration chapter
+        summary["calibration"] = calibrate_model(settings)
     return summary
 
 # %% ../nbs/03_train.ipynb #1580ab27

@@ -19,12 +19,13 @@ ALLOWED = {
     "model_dir": {"config"},  # the model-folder contract: files, label names, ONNX names, check_model_dir
     "metrics": set(),  # one compute_metrics for train and evaluate
     "data": {"config", "model_dir"},
-    "train": {"config", "model_dir", "data", "metrics"},
+    "calibrate": {"config", "data", "metrics"},  # temperature scaling after training, folded into the weights
+    "train": {"config", "model_dir", "data", "metrics", "calibrate"},
     "export": {"config", "model_dir"},  # the folder contract only: no datasets or pandas for a tuple of label names
     "predict": {"config", "model_dir"},
     "features": set(),  # per-text features under the model's tokenizer: replicas log them, the monitor compares them
     "onnx_export": {"config", "model_dir", "predict"},  # checks its graphs against PyTorch through the predictors
-    "evaluate": {"config", "model_dir", "data", "predict", "metrics"},  # scores what will be served, backend by backend
+    "evaluate": {"config", "model_dir", "data", "predict", "metrics", "calibrate"},  # scores what will be served, backend by backend
     "serve.api": {"config"},  # the HTTP contract: schemas, errors, body limit, page, the FastAPI app without routes
     "registry": {"config", "model_dir"},  # versions and stages (GTO), fetching a version (DVC); no model code
     "serve.app": {"config", "model_dir", "predict", "features", "registry", "serve.api"},  # deployments, build_app
@@ -34,7 +35,7 @@ ALLOWED = {
     "monitor": {"config", "model_dir", "predict", "features"},  # drift of traffic against the reference (Evidently)
     "cli": {"config", "model_dir", "predict", "batch", "batch_ray", "monitor", "registry", *SERVE},
 }
-TRAINING_STACK = {"train", "data", "evaluate", "export", "metrics"}  # and the third-party packages below
+TRAINING_STACK = {"train", "data", "evaluate", "export", "metrics", "calibrate"}  # and the third-party packages below
 TRAINING_PACKAGES = {"datasets", "pandas", "sklearn", "dvclive", "accelerate"}
 MONITOR_PACKAGES = {"evidently"}  # the offline comparison only: never in a replica
 REGISTRY_PACKAGES = {"dvc", "gto"}  # the driver resolves a registry reference with them; importing serving loads neither

@@ -87,6 +87,29 @@ def test_evaluate_outputs(project):
     executed_report(root / "reports" / "06_evaluate.ipynb")
 
 
+def test_the_trained_model_is_calibrated_and_every_reader_of_model_applies_it(project):
+    "The temperature is folded into the weights: the ONNX graphs and a plain `transformers.pipeline` apply it too."
+    import numpy as np
+    from transformers import pipeline
+
+    from sentiment_nb.predict import OnnxPredictor, Predictor
+
+    root, _ = project
+    calibration = json.loads((root / "model" / "config.json").read_text())["calibration"]
+    assert calibration["fitted_on"] == "validation" and calibration["temperature"] > 0
+    assert calibration["nll_after"] <= calibration["nll_before"] + 1e-4  # the fit minimises the validation NLL
+    m = json.loads((root / "eval" / "metrics.json").read_text())
+    assert m["calibration"]["temperature"] == round(calibration["temperature"], 4)
+    assert 0 <= m["calibration"]["ece_uncalibrated"] <= 1
+    assert "before temperature scaling, T = " in (root / "model" / "README.md").read_text()
+    texts = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés .", "fun"]
+    torch_probs = Predictor(root / "model", device="cpu").predict_proba(texts)
+    onnx_probs = OnnxPredictor(root / "model", "onnx").predict_proba(texts)
+    plain = pipeline("text-classification", model=str(root / "model"), device="cpu", top_k=None)(texts)
+    plain_probs = np.array([[d["score"] for d in sorted(o, key=lambda d: d["label"])] for o in plain])
+    assert np.abs(onnx_probs - torch_probs).max() < 1e-4 and np.abs(plain_probs - torch_probs).max() < 1e-5
+
+
 def test_onnx_outputs(project):
     root, _ = project
     assert (root / "artifacts" / "onnx" / "model.onnx").is_file() and (root / "artifacts" / "onnx" / "model.int8.onnx").is_file()
