@@ -199,8 +199,11 @@ def served(registry_project, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         for p in started:
-            if p.is_running():
-                p.kill()
+            try:
+                if p.is_running():
+                    p.kill()
+            except psutil.Error:  # ended meanwhile
+                pass
 
 
 def fetched(root, version) -> Path:

@@ -725,7 +725,10 @@ def test_the_serve_command_says_why_haproxy_did_not_start(tiny_model_dir, tmp_pa
     try:
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
-            started.update({p.pid: p.name() for p in psutil.Process(proc.pid).children(recursive=True)})
+            try:  # a child may end between the listing and its name
+                started.update({p.pid: p.name() for p in psutil.Process(proc.pid).children(recursive=True)})
+            except psutil.Error:
+                pass
             time.sleep(0.5)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 2, (proc.returncode, err[-3000:])  # EXIT_USAGE, as for the other set-up errors
